@@ -1,0 +1,219 @@
+"""The catalog: which concepts to learn, how, and which combinations to generate.
+
+Everything a run does is decided by one YAML file validated by these pydantic models; the
+hash of the relevant part of it is part of every artifact's cache key and lineage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Annotated, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from conceptflow.errors import CatalogError
+
+CONCEPT_NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+CONCEPT_REFERENCE = re.compile(r"<([a-z][a-z0-9_]{0,31})>")
+EMBEDDED_BASE = "embedded:tiny-sd"
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LoRATrainConfig(StrictModel):
+    """ED-LoRA (Mix-of-Show): layer-wise concept tokens + LoRA on text encoder and UNet attention."""
+
+    method: Literal["edlora"] = "edlora"
+    steps: int = Field(200, ge=1, description="optimisation steps")
+    batch_size: int = Field(2, ge=1)
+    rank: int = Field(4, ge=1, description="LoRA rank (Mix-of-Show: 4)")
+    alpha: float = Field(1.0, description="LoRA output multiplier: out = Wx + alpha*up(down(x))")
+    lr_embeddings: float = 1e-3
+    lr_text_encoder: float = 1e-5
+    lr_unet: float = 1e-4
+    embedding_norm_limit: float = Field(
+        0.55, description="stop updating the token embeddings once their mean norm reaches this"
+    )
+    train_text_encoder: bool = True
+    masked_loss: bool = Field(True, description="restrict the denoising loss to the foreground mask")
+    checkpoint_every: int = Field(50, ge=1)
+    log_every: int = Field(10, ge=1)
+
+
+class ConceptFlowSTrainConfig(StrictModel):
+    """ConceptFlow-S: KronA-WED adapter, disentangled learning, attention regularisation."""
+
+    method: Literal["conceptflow_s"] = "conceptflow_s"
+    steps: int = Field(200, ge=1)
+    batch_size: int = Field(2, ge=1)
+    kron_factor: int = Field(16, ge=1, description="LyCORIS factorization(dim, factor)")
+    lr_embeddings: float = 1e-3
+    lr_adapter: float = 5e-4
+    lr_image_adapter: float = 1e-3
+    embedding_norm_limit: float = 0.55
+    weight_text_only: float = Field(0.001, description="weight of L_denoise(text only)")
+    weight_disentangle: float = Field(0.001, description="weight of cos(text, image) features")
+    weight_attention: float = Field(0.001, description="lambda_attn of Eq. 5")
+    image_encoder: str = Field(
+        "embedded:tiny-clip", description="CLIP vision encoder: hub id, local folder, or embedded:"
+    )
+    masked_loss: bool = True
+    checkpoint_every: int = Field(50, ge=1)
+    log_every: int = Field(10, ge=1)
+
+
+TrainConfig = Annotated[Union[LoRATrainConfig, ConceptFlowSTrainConfig], Field(discriminator="method")]
+
+
+class Concept(StrictModel):
+    name: str = Field(description="lower-case identifier; referenced in prompts as <name>")
+    class_word: str = Field(description="the concept's class, e.g. 'dog'")
+    images: Path = Field(description="folder of 3-5 photos of the concept (relative to the catalog)")
+    train: TrainConfig = Field(default_factory=LoRATrainConfig)
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_identifier(cls, name: str) -> str:
+        if not CONCEPT_NAME.match(name):
+            raise ValueError(
+                f"concept name {name!r} must match {CONCEPT_NAME.pattern} "
+                "(lower-case letters, digits, underscores; starts with a letter)"
+            )
+        return name
+
+    @property
+    def tokens(self) -> tuple[str, str]:
+        """The two new tokens that stand for this concept (ED-LoRA writes a concept as two)."""
+        return (f"<{self.name}1>", f"<{self.name}2>")
+
+
+class Combination(StrictModel):
+    concepts: tuple[str, ...] = Field(min_length=1)
+    prompts: tuple[str, ...] = Field(min_length=1, description="prompts using <name> references")
+    seeds: tuple[int, ...] = (0, 1)
+
+    @property
+    def name(self) -> str:
+        return "+".join(self.concepts)
+
+
+class MaskConfig(StrictModel):
+    backend: Literal["auto", "saliency", "grounded_sam", "rmbg"] = Field(
+        "auto", description="auto: grounded_sam when its checkpoints are configured, else saliency"
+    )
+    groundingdino_config: str | None = None
+    groundingdino_checkpoint: str | None = None
+    sam_checkpoint: str | None = None
+    sam_model_type: str = "vit_h"
+    rmbg_model: str = "briaai/RMBG-1.4"
+    trust_remote_code: bool = Field(
+        False, description="required opt-in for RMBG-1.4, whose hub code runs on load"
+    )
+    box_threshold: float = 0.35
+    text_threshold: float = 0.25
+
+
+class GenerateConfig(StrictModel):
+    sampler: Literal["fused", "conceptflow_m"] = "fused"
+    steps: int = Field(20, ge=1)
+    guidance_scale: float = 7.5
+    batch_size: int = Field(4, ge=1)
+    lora_scale: float = Field(0.7, description="adapter strength at sampling (Mix-of-Show: 0.7)")
+
+
+class FuseConfig(StrictModel):
+    method: Literal["average", "gradient"] = "average"
+    solver: Literal["closed_form", "lbfgs"] = "closed_form"
+
+
+class EvaluateConfig(StrictModel):
+    clip_model: str = "embedded:tiny-clip"
+    dino_model: str = "embedded:tiny-dino"
+
+
+class Catalog(StrictModel):
+    """A concept catalog: the unit a scheduled retraining runs on."""
+
+    project: str = "conceptflow"
+    base_model: str = Field(EMBEDDED_BASE, description="hub id, local diffusers folder, or embedded:tiny-sd")
+    device: str = "cpu"
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    resolution: int = Field(64, ge=32, description="training/sampling resolution in pixels")
+    seed: int = 0
+    concepts: tuple[Concept, ...] = Field(min_length=1)
+    combinations: tuple[Combination, ...] = ()
+    mask: MaskConfig = Field(default_factory=MaskConfig)
+    fuse: FuseConfig = Field(default_factory=FuseConfig)
+    generate: GenerateConfig = Field(default_factory=GenerateConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    root: Path = Field(Path("."), description="folder the catalog lives in; relative paths start here")
+
+    @model_validator(mode="after")
+    def _references_resolve(self) -> "Catalog":
+        names = [c.name for c in self.concepts]
+        duplicated = {n for n in names if names.count(n) > 1}
+        if duplicated:
+            raise ValueError(f"concept names must be unique; repeated: {sorted(duplicated)}")
+        for combination in self.combinations:
+            unknown = set(combination.concepts) - set(names)
+            if unknown:
+                raise ValueError(
+                    f"combination {combination.name!r} names unknown concepts {sorted(unknown)}; "
+                    f"known: {names}"
+                )
+            for prompt in combination.prompts:
+                referenced = set(CONCEPT_REFERENCE.findall(prompt))
+                if not referenced <= set(combination.concepts):
+                    raise ValueError(
+                        f"prompt {prompt!r} of combination {combination.name!r} references "
+                        f"{sorted(referenced - set(combination.concepts))}, which the combination "
+                        "does not list"
+                    )
+        return self
+
+    def concept(self, name: str) -> Concept:
+        for concept in self.concepts:
+            if concept.name == name:
+                return concept
+        raise CatalogError(f"no concept named {name!r} in the catalog; known: {[c.name for c in self.concepts]}")
+
+    def images_dir(self, concept: Concept) -> Path:
+        return concept.images if concept.images.is_absolute() else self.root / concept.images
+
+    @property
+    def data_dir(self) -> Path:
+        return self.root / "data"
+
+
+def load_catalog(path: str | Path) -> Catalog:
+    """Read and validate a catalog YAML; errors name the file and the offending field."""
+    path = Path(path)
+    if not path.is_file():
+        raise CatalogError(f"catalog file {path} not found: pass --catalog PATH or create catalog.yaml")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise CatalogError(f"{path} is not valid YAML: {error}") from error
+    if not isinstance(raw, dict):
+        raise CatalogError(f"{path} must hold a mapping with at least 'concepts:'")
+    raw.setdefault("root", str(path.resolve().parent))
+    try:
+        return Catalog.model_validate(raw)
+    except ValidationError as error:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or '<top>'}: {e['msg']}" for e in error.errors()
+        )
+        raise CatalogError(f"{path}: {problems}") from error
+
+
+def config_hash(*parts: BaseModel | dict | str | int | float | None) -> str:
+    """A stable short hash of configuration objects (pydantic models, dicts, scalars)."""
+    payload = [p.model_dump(mode="json", exclude={"root"}) if isinstance(p, BaseModel) else p for p in parts]
+    encoded = json.dumps(payload, sort_keys=True, default=str).encode()
+    return hashlib.sha256(encoded).hexdigest()[:16]

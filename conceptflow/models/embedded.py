@@ -1,0 +1,170 @@
+"""Tiny models the project builds itself from configs, so everything runs offline on a CPU.
+
+Each embedded model has an id ``embedded:<name>``; it is built once, seeded, saved in the
+library's own format (diffusers / transformers) under the cache folder and from then on
+loaded by the same ``from_pretrained`` path a hub id or local folder takes. Weights are
+random: these bases exercise the code path, not image quality.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from conceptflow.errors import ModelUnavailableError
+from conceptflow.models.tokenizer import build_clip_tokenizer
+
+EMBEDDED_PREFIX = "embedded:"
+BUILD_SEED = 0
+# Bump when a builder changes so old caches are not reused.
+EMBEDDED_VERSION = "1"
+
+
+def cache_root() -> Path:
+    """Where embedded models are built: $CONCEPTFLOW_CACHE or ~/.cache/conceptflow."""
+    return Path(os.environ.get("CONCEPTFLOW_CACHE", Path.home() / ".cache" / "conceptflow"))
+
+
+def _tiny_text_config(hidden: int = 32) -> dict:
+    return dict(
+        vocab_size=49408,
+        hidden_size=hidden,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        projection_dim=hidden,
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=49407,
+    )
+
+
+def build_tiny_sd(folder: Path) -> None:
+    """An SD-1.x-architecture pipeline: 64 px images, x4 VAE (16x16 latents), 2-level UNet.
+
+    Cross-attention sits in both down blocks, the mid block and both up blocks, so the
+    layer-wise token embeddings, attention hooks and the mid/early-decoder edits of the
+    samplers all have somewhere to act (7 cross-attention layers; SD 1.5 has 16).
+    """
+    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(BUILD_SEED)
+    unet = UNet2DConditionModel(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(16, 32, 32),
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=64,
+    )
+    text_encoder = CLIPTextModel(CLIPTextConfig(**_tiny_text_config()))
+    tokenizer = build_clip_tokenizer(folder / "tokenizer_build")
+    scheduler = DPMSolverMultistepScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+        steps_offset=1,
+    )
+    pipeline = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipeline.save_pretrained(folder, safe_serialization=True)
+    shutil.rmtree(folder / "tokenizer_build")
+
+
+def build_tiny_clip(folder: Path) -> None:
+    """A CLIPModel + CLIPProcessor (32 px images) with the real CLIP vocabulary."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    torch.manual_seed(BUILD_SEED)
+    config = CLIPConfig(
+        text_config=_tiny_text_config(),
+        vision_config=dict(
+            hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+            image_size=32, patch_size=8, projection_dim=32,
+        ),
+        projection_dim=32,
+    )
+    model = CLIPModel(config)
+    tokenizer = build_clip_tokenizer(folder / "tokenizer_build")
+    processor = CLIPProcessor(
+        image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+        tokenizer=tokenizer,
+    )
+    model.save_pretrained(folder, safe_serialization=True)
+    processor.save_pretrained(folder)
+    shutil.rmtree(folder / "tokenizer_build")
+
+
+def build_tiny_dino(folder: Path) -> None:
+    """A ViT (the DINO v1 architecture, as facebook/dino-vits16) + its image processor."""
+    from transformers import ViTConfig, ViTImageProcessor, ViTModel
+
+    torch.manual_seed(BUILD_SEED)
+    model = ViTModel(
+        ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+                  image_size=32, patch_size=8),
+        add_pooling_layer=False,
+    )
+    model.save_pretrained(folder, safe_serialization=True)
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
+
+
+EMBEDDED_BUILDERS: dict[str, Callable[[Path], None]] = {
+    "tiny-sd": build_tiny_sd,
+    "tiny-clip": build_tiny_clip,
+    "tiny-dino": build_tiny_dino,
+}
+
+
+def embedded_model_path(model_id: str) -> Path:
+    """Build ``embedded:<name>`` into the cache once (atomically) and return its folder."""
+    name = model_id.removeprefix(EMBEDDED_PREFIX)
+    if name not in EMBEDDED_BUILDERS:
+        raise ModelUnavailableError(
+            f"unknown embedded model {model_id!r}; available: "
+            + ", ".join(EMBEDDED_PREFIX + n for n in EMBEDDED_BUILDERS)
+        )
+    folder = cache_root() / f"{name}-v{EMBEDDED_VERSION}"
+    if (folder / ".complete").is_file():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=folder.parent))
+    try:
+        EMBEDDED_BUILDERS[name](staging)
+        (staging / ".complete").write_text(model_id + "\n")
+        try:
+            staging.rename(folder)
+        except OSError:  # another process finished first; keep its copy
+            if not (folder / ".complete").is_file():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder

@@ -1,0 +1,74 @@
+"""Load a base pipeline or an encoder from a hub id, a local folder or an embedded id.
+
+One code path for all three: ``embedded:<name>`` is first built into a local folder, a local
+folder is used as it is, anything else is passed to ``from_pretrained`` as a hub id (which,
+with HF_HUB_OFFLINE=1 or no network, must already be in the hub cache).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+
+from conceptflow.errors import ModelUnavailableError
+from conceptflow.models.embedded import EMBEDDED_PREFIX, embedded_model_path
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_model_source(model_id: str) -> str:
+    """The string to hand to ``from_pretrained``: a local folder path, or the hub id."""
+    if model_id.startswith(EMBEDDED_PREFIX):
+        return str(embedded_model_path(model_id))
+    if Path(model_id).expanduser().exists():
+        return str(Path(model_id).expanduser().resolve())
+    return model_id
+
+
+def _unavailable(model_id: str, error: Exception) -> ModelUnavailableError:
+    return ModelUnavailableError(
+        f"could not load model {model_id!r}: {error}. Give a local folder in diffusers/transformers "
+        "format, a hub id that is in the local hub cache, or an embedded id such as embedded:tiny-sd"
+    )
+
+
+def load_base_pipeline(model_id: str, device: str = "cpu", dtype: str = "float32"):
+    """A Stable-Diffusion-1.x pipeline (diffusers) from an id or folder, on ``device``."""
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+
+    source = resolve_model_source(model_id)
+    try:
+        pipeline = StableDiffusionPipeline.from_pretrained(
+            source, torch_dtype=DTYPES[dtype], safety_checker=None, requires_safety_checker=False
+        )
+    except (OSError, ValueError, EnvironmentError) as error:
+        raise _unavailable(model_id, error) from error
+    pipeline.scheduler = DPMSolverMultistepScheduler.from_config(pipeline.scheduler.config)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline.to(device)
+
+
+def load_transformers_model(model_id: str, model_class, processor_class, device: str = "cpu"):
+    """(model, processor) of a transformers class pair from an id or folder, in eval mode."""
+    source = resolve_model_source(model_id)
+    try:
+        model = model_class.from_pretrained(source)
+        processor = processor_class.from_pretrained(source)
+    except (OSError, ValueError, EnvironmentError) as error:
+        raise _unavailable(model_id, error) from error
+    return model.eval().to(device), processor
+
+
+def model_fingerprint(model_id: str) -> str:
+    """A content hash of a local model folder's weight files (for lineage); the id for hub models."""
+    source = Path(resolve_model_source(model_id))
+    if not source.is_dir():
+        return f"hub:{model_id}"
+    digest = hashlib.md5()
+    for path in sorted(source.rglob("*")):
+        if path.is_file() and path.suffix in {".safetensors", ".json", ".txt", ".bin"}:
+            digest.update(path.relative_to(source).as_posix().encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
