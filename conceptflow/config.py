@@ -94,13 +94,16 @@ class Concept(StrictModel):
 
 
 class Combination(StrictModel):
+    name: str = Field("", description="defaults to the concept names joined by '+'")
     concepts: tuple[str, ...] = Field(min_length=1)
     prompts: tuple[str, ...] = Field(min_length=1, description="prompts using <name> references")
     seeds: tuple[int, ...] = (0, 1)
 
-    @property
-    def name(self) -> str:
-        return "+".join(self.concepts)
+    @model_validator(mode="after")
+    def _default_name(self) -> "Combination":
+        if not self.name:
+            object.__setattr__(self, "name", "+".join(self.concepts))
+        return self
 
 
 class MaskConfig(StrictModel):
@@ -124,12 +127,14 @@ class GenerateConfig(StrictModel):
     steps: int = Field(20, ge=1)
     guidance_scale: float = 7.5
     batch_size: int = Field(4, ge=1)
-    lora_scale: float = Field(0.7, description="adapter strength at sampling (Mix-of-Show: 0.7)")
 
 
 class FuseConfig(StrictModel):
-    method: Literal["average", "gradient"] = "average"
+    method: Literal["average", "gradient"] = Field(
+        "average", description="average: mean of the concepts' weight updates; gradient: Mix-of-Show fusion"
+    )
     solver: Literal["closed_form", "lbfgs"] = "closed_form"
+    adapter_scale: float = Field(0.7, description="strength of each concept's update (Mix-of-Show samples at 0.7)")
 
 
 class EvaluateConfig(StrictModel):
@@ -154,6 +159,14 @@ class Catalog(StrictModel):
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     root: Path = Field(Path("."), description="folder the catalog lives in; relative paths start here")
 
+    @field_validator("concepts", "combinations", mode="before")
+    @classmethod
+    def _mapping_form(cls, value):
+        """Accept ``{name: spec}`` (the form dvc.yaml's foreach reads) as well as a list."""
+        if isinstance(value, dict):
+            return [{"name": name, **(spec or {})} for name, spec in value.items()]
+        return value
+
     @model_validator(mode="after")
     def _references_resolve(self) -> "Catalog":
         names = [c.name for c in self.concepts]
@@ -176,6 +189,14 @@ class Catalog(StrictModel):
                         "does not list"
                     )
         return self
+
+    def combination(self, name: str) -> Combination:
+        for combination in self.combinations:
+            if combination.name == name:
+                return combination
+        raise CatalogError(
+            f"no combination named {name!r} in the catalog; known: {[c.name for c in self.combinations]}"
+        )
 
     def concept(self, name: str) -> Concept:
         for concept in self.concepts:

@@ -1,0 +1,21 @@
+"""Weight fusion baseline (Mix-of-Show's "weight fusion"): W = W0 + Σ_i w_i ΔW_i, Σ w_i = 1.
+
+Cheap and correct as a baseline; each concept's update is diluted by the others', which is
+what gradient fusion fixes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from conceptflow.adapters.concept_io import ConceptWeights
+
+
+def average_fuse(base: dict[str, torch.Tensor], concepts: list[ConceptWeights], scale: float) -> dict[str, torch.Tensor]:
+    """Fused weights for every layer any concept adapts."""
+    paths = sorted({path for concept in concepts for path in concept.deltas})
+    fused = {}
+    for path in paths:
+        updates = [concept.deltas[path] for concept in concepts if path in concept.deltas]
+        fused[path] = base[path].float() + scale * torch.stack(updates).sum(0) / len(concepts)
+    return fused

@@ -1,0 +1,81 @@
+"""What every stage does around its own work: skip when up to date, write atomically, record.
+
+A stage output is a folder holding the artifact, ``stage.json`` (params, metrics, history:
+what the registry logs) and ``.manifest.json`` (the Manifest: content hash, config hash and
+upstream hashes). A stage whose folder already carries the manifest key it would produce,
+with unchanged content, is skipped: that is how a second run with nothing changed redoes
+nothing, whichever way it is started (CLI, Prefect flow or ``dvc repro``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from conceptflow import __version__
+from conceptflow.fileio import atomic_directory, directory_md5, write_json_atomic
+from conceptflow.manifest import Manifest
+
+MANIFEST_FILE = ".manifest.json"
+RECORD_FILE = "stage.json"
+
+
+def read_manifest(folder: Path) -> Manifest | None:
+    path = Path(folder) / MANIFEST_FILE
+    if not path.is_file():
+        return None
+    try:
+        return Manifest.load(path)
+    except ValueError:
+        return None
+
+
+def up_to_date(folder: Path, wanted: Manifest) -> Manifest | None:
+    existing = read_manifest(folder)
+    if existing is None or existing.key != wanted.key:
+        return None
+    return existing if directory_md5(folder) == existing.md5 else None
+
+
+def run_stage(stage: str, name: str, folder: Path, config_hash: str, upstream: dict[str, str],
+              produce: Callable[[Path], dict], force: bool = False) -> tuple[Manifest, bool]:
+    """Run ``produce(staging_folder) -> record`` unless ``folder`` is up to date.
+
+    Returns the manifest and whether the stage ran (False: skipped, nothing changed).
+    """
+    config_hash = f"{config_hash}:{__version__}"
+    wanted = Manifest(stage=stage, name=name, path=folder, md5="", config_hash=config_hash, upstream=upstream)
+    if not force:
+        existing = up_to_date(folder, wanted)
+        if existing is not None:
+            return existing, False
+    with atomic_directory(folder) as staging:
+        record = produce(staging)
+        record = {"stage": stage, "name": name, "config_hash": config_hash, "params": {}, "metrics": {},
+                  "history": [], **record}
+        write_json_atomic(staging / RECORD_FILE, record)
+        manifest = wanted.model_copy(update={"md5": directory_md5(staging)})
+        manifest.save(staging / MANIFEST_FILE)
+    return manifest, True
+
+
+def require_manifest(folder: Path, what: str, command: str) -> Manifest:
+    manifest = read_manifest(folder)
+    if manifest is None:
+        from conceptflow.errors import ConceptflowError
+
+        raise ConceptflowError(f"{folder} has no {what}: run `conceptflow {command}` first")
+    return manifest
+
+
+def flat_params(prefix: str, values: dict) -> dict:
+    flat = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flat_params(f"{name}.", value))
+        elif isinstance(value, (list, tuple)):
+            flat[name] = ",".join(str(v) for v in value)
+        else:
+            flat[name] = value
+    return flat

@@ -1,0 +1,46 @@
+"""Stage 6: score a combination's generated images against the concepts' own photos."""
+
+from __future__ import annotations
+
+import json
+
+from PIL import Image
+
+from conceptflow.config import Catalog, config_hash
+from conceptflow.data.ingest import ingested_images
+from conceptflow.fileio import write_json_atomic
+from conceptflow.layout import Layout
+from conceptflow.stages.base import flat_params, require_manifest, run_stage
+
+
+def _open(path):
+    with Image.open(path) as opened:
+        return opened.convert("RGB")
+
+
+def evaluate(catalog: Catalog, combination_name: str, force: bool = False):
+    from conceptflow.metrics.evaluate import evaluate_images
+
+    combination = catalog.combination(combination_name)
+    layout = Layout(catalog)
+    generated = require_manifest(layout.generated(combination_name), "generated images",
+                                 f"generate --combination {combination_name}")
+    references = {name: require_manifest(layout.images(name), "ingested images", f"ingest --concept {name}")
+                  for name in combination.concepts}
+
+    def produce(staging):
+        listing = json.loads((layout.generated(combination_name) / "images.json").read_text())["images"]
+        images = [(_open(layout.generated(combination_name) / row["file"]), row["prompt"]) for row in listing]
+        reference_images = {name: [_open(p) for p in ingested_images(layout.images(name))] for name in combination.concepts}
+        class_words = {name: catalog.concept(name).class_word for name in combination.concepts}
+        scores = evaluate_images(images, reference_images, class_words, catalog.evaluate, device=catalog.device)
+        write_json_atomic(staging / "metrics.json", scores)
+        flat = {key: float(value) for key, value in flat_params("", scores).items()
+                if isinstance(value, (int, float)) and not isinstance(value, bool)}
+        return {"params": {"clip_model": catalog.evaluate.clip_model, "dino_model": catalog.evaluate.dino_model},
+                "metrics": flat}
+
+    upstream = {"generated": generated.md5, **{f"images.{n}": m.md5 for n, m in references.items()}}
+    return run_stage("evaluate", combination_name, layout.metrics(combination_name), config_hash(catalog.evaluate),
+                     upstream, produce, force)
+

@@ -1,0 +1,48 @@
+"""Stage 4: fuse the adapters of a combination into one model."""
+
+from __future__ import annotations
+
+from conceptflow.adapters.concept_io import save_adapter
+from conceptflow.adapters.merge import base_weights, fused_tensors, load_concept, merged_embeddings
+from conceptflow.config import Catalog, config_hash
+from conceptflow.layout import Layout
+from conceptflow.models.loading import load_base_pipeline, model_fingerprint
+from conceptflow.stages.base import require_manifest, run_stage
+
+
+def fuse(catalog: Catalog, combination_name: str, force: bool = False):
+    combination = catalog.combination(combination_name)
+    layout = Layout(catalog)
+    adapters = {name: require_manifest(layout.adapter(name), "trained adapter", f"train --concept {name}")
+                for name in combination.concepts}
+    upstream = {f"adapter.{name}": manifest.md5 for name, manifest in adapters.items()}
+
+    def produce(staging):
+        pipeline = load_base_pipeline(catalog.base_model, catalog.device, catalog.dtype)
+        concepts = [load_concept(layout.adapter(name), pipeline) for name in combination.concepts]
+        paths = sorted({path for concept in concepts for path in concept.deltas})
+        base = base_weights(pipeline, paths)
+        if catalog.fuse.method == "gradient":
+            from conceptflow.fuse.gradient import gradient_fuse
+
+            weights, metrics = gradient_fuse(pipeline, catalog, combination, concepts, base)
+        else:
+            from conceptflow.fuse.average import average_fuse
+
+            weights, metrics = average_fuse(base, concepts, catalog.fuse.adapter_scale), {}
+        meta = {
+            "kind": "fused", "name": combination_name, "method": catalog.fuse.method,
+            "solver": catalog.fuse.solver if catalog.fuse.method == "gradient" else None,
+            "adapter_scale": catalog.fuse.adapter_scale,
+            "concepts": {c.meta["name"]: {"method": c.meta["method"], "md5": adapters[c.meta["name"]].md5,
+                                          "class_word": c.meta["class_word"]} for c in concepts},
+            "base_model": catalog.base_model, "base_model_hash": model_fingerprint(catalog.base_model),
+        }
+        save_adapter(staging, fused_tensors(weights, merged_embeddings(concepts)), meta)
+        return {"params": {"method": catalog.fuse.method, "solver": meta["solver"] or "",
+                           "adapter_scale": catalog.fuse.adapter_scale, "concepts": ",".join(combination.concepts)},
+                "metrics": {"fused_layers": float(len(weights)), **metrics}}
+
+    return run_stage("fuse", combination_name, layout.fused(combination_name),
+                     config_hash(catalog.fuse, catalog.base_model, catalog.seed, catalog.resolution), upstream,
+                     produce, force)

@@ -1,0 +1,44 @@
+"""Stage 5: sample the combination's prompts from its fused model, a fixed seed per image."""
+
+from __future__ import annotations
+
+from conceptflow.adapters.merge import apply_concepts, load_concept
+from conceptflow.config import Catalog, config_hash
+from conceptflow.fileio import write_json_atomic
+from conceptflow.layout import Layout
+from conceptflow.models.loading import load_base_pipeline
+from conceptflow.sample.fused import SampleRequest, sample_images
+from conceptflow.stages.base import require_manifest, run_stage
+
+
+def generate(catalog: Catalog, combination_name: str, sampler: str | None = None, force: bool = False):
+    combination = catalog.combination(combination_name)
+    layout = Layout(catalog)
+    settings = catalog.generate if sampler is None else catalog.generate.model_copy(update={"sampler": sampler})
+    fused = require_manifest(layout.fused(combination_name), "fused model", f"fuse --combination {combination_name}")
+    requests = [SampleRequest(prompt, seed) for prompt in combination.prompts for seed in combination.seeds]
+
+    def produce(staging):
+        pipeline = load_base_pipeline(catalog.base_model, catalog.device, catalog.dtype)
+        fused_model = load_concept(layout.fused(combination_name), pipeline)
+        apply_concepts(pipeline, [fused_model])
+        if settings.sampler == "conceptflow_m":
+            from conceptflow.sample.conceptflow_m import sample_conceptflow_m
+
+            images = sample_conceptflow_m(pipeline, requests, combination.concepts, catalog.resolution, settings)
+        else:
+            images = sample_images(pipeline, requests, combination.concepts, catalog.resolution, settings.steps,
+                                   settings.guidance_scale, settings.batch_size, description=f"generate {combination_name}")
+        records = []
+        for index, (request, image) in enumerate(zip(requests, images)):
+            file_name = f"{index:03d}.png"
+            image.save(staging / file_name)
+            records.append({"file": file_name, "prompt": request.prompt, "seed": request.seed})
+        write_json_atomic(staging / "images.json", {"sampler": settings.sampler, "images": records})
+        return {"params": {"sampler": settings.sampler, "steps": settings.steps, "guidance_scale": settings.guidance_scale,
+                           "batch_size": settings.batch_size, "prompts": len(combination.prompts),
+                           "seeds": ",".join(map(str, combination.seeds))},
+                "metrics": {"images": float(len(records))}}
+
+    return run_stage("generate", combination_name, layout.generated(combination_name),
+                     config_hash(settings, combination, catalog.resolution), {"fused": fused.md5}, produce, force)

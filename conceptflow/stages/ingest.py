@@ -1,0 +1,33 @@
+"""Stage 1: ingest one concept's photos."""
+
+from __future__ import annotations
+
+from conceptflow.config import Catalog, config_hash
+from conceptflow.data.ingest import ingest_concept, list_concept_files
+from conceptflow.fileio import file_md5
+from conceptflow.layout import Layout
+from conceptflow.stages.base import run_stage
+
+
+def source_md5(catalog: Catalog, concept_name: str) -> str:
+    from hashlib import md5
+
+    digest = md5()
+    for path in list_concept_files(catalog.images_dir(catalog.concept(concept_name))):
+        digest.update(f"{path.name}\0{file_md5(path)}\n".encode())
+    return digest.hexdigest()
+
+
+def ingest(catalog: Catalog, concept_name: str, force: bool = False):
+    concept = catalog.concept(concept_name)
+    source_dir = catalog.images_dir(concept)
+
+    def produce(staging):
+        manifest = ingest_concept(source_dir, staging, catalog.resolution)
+        return {
+            "params": {"resolution": catalog.resolution, "source": str(concept.images)},
+            "metrics": {"images": len(manifest["images"]), "dropped_duplicates": len(manifest["dropped_duplicates"])},
+        }
+
+    return run_stage("ingest", concept_name, Layout(catalog).images(concept_name),
+                     config_hash(catalog.resolution), {"source": source_md5(catalog, concept_name)}, produce, force)

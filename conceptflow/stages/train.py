@@ -1,0 +1,74 @@
+"""Stage 3: train one concept's adapter with the method its catalog entry names."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+
+import torch
+
+from conceptflow.adapters.concept_io import save_adapter
+from conceptflow.config import Catalog, config_hash
+from conceptflow.data.ingest import ingested_images
+from conceptflow.layout import Layout
+from conceptflow.models.loading import load_base_pipeline, model_fingerprint
+from conceptflow.plots import save_curve
+from conceptflow.stages.base import flat_params, require_manifest, run_stage
+from conceptflow.train.common import prepare_concept_training
+from conceptflow.train.loop import run_training
+
+
+def build_method(setup, train_config, catalog: Catalog):
+    if train_config.method == "edlora":
+        from conceptflow.train.edlora import EDLoRAMethod
+
+        return EDLoRAMethod(setup, train_config)
+    from conceptflow.train.conceptflow_s import ConceptFlowSMethod
+
+    return ConceptFlowSMethod(setup, train_config, device=catalog.device)
+
+
+def train(catalog: Catalog, concept_name: str, force: bool = False, stop_after: int | None = None):
+    concept = catalog.concept(concept_name)
+    layout = Layout(catalog)
+    images = require_manifest(layout.images(concept_name), "ingested images", f"ingest --concept {concept_name}")
+    masks = require_manifest(layout.masks(concept_name), "masks", f"mask --concept {concept_name}")
+    base_hash = model_fingerprint(catalog.base_model)
+    settings_hash = config_hash(concept.train, concept.class_word, catalog.base_model, base_hash, catalog.seed,
+                                catalog.resolution, catalog.dtype)
+    upstream = {"images": images.md5, "masks": masks.md5}
+    run_key = hashlib.sha256(f"{settings_hash}{sorted(upstream.items())}".encode()).hexdigest()[:16]
+    config = concept.train
+
+    def produce(staging):
+        torch.manual_seed(catalog.seed)
+        pipeline = load_base_pipeline(catalog.base_model, catalog.device, catalog.dtype)
+        setup = prepare_concept_training(
+            pipeline, concept_name, concept.class_word, ingested_images(layout.images(concept_name)),
+            ingested_images(layout.masks(concept_name)), catalog.resolution, catalog.seed)
+        method = build_method(setup, config, catalog)
+        history = run_training(method, config.steps, catalog.seed, layout.checkpoints(concept_name), run_key,
+                               config.checkpoint_every, config.log_every, description=f"train {concept_name}",
+                               stop_after=stop_after)
+        if stop_after is not None and stop_after < config.steps:
+            raise InterruptedError(f"training of {concept_name} stopped at step {stop_after} on request")
+        tensors, method_meta = method.export()
+        meta = {
+            "kind": "concept", "name": concept_name, "method": config.method, "class_word": concept.class_word,
+            "tokens": list(concept.tokens), "layer_tokens": setup.token_strings, "n_layers": setup.n_layers,
+            "base_model": catalog.base_model, "base_model_hash": base_hash, "resolution": catalog.resolution,
+            "seed": catalog.seed, "config": config.model_dump(mode="json"), "config_hash": settings_hash,
+            "data": upstream, **method_meta,
+        }
+        save_adapter(staging, tensors, meta)
+        if history:
+            save_curve(history, staging / "loss.png", f"{concept_name} ({config.method})")
+        return {"params": flat_params("", {"method": config.method, "base_model": catalog.base_model,
+                                           **config.model_dump(mode="json")}),
+                "metrics": {k: v for k, v in (history[-1] if history else {}).items() if k != "step"},
+                "history": history}
+
+    manifest, ran = run_stage("train", concept_name, layout.adapter(concept_name), settings_hash, upstream, produce, force)
+    if ran:
+        shutil.rmtree(layout.checkpoints(concept_name), ignore_errors=True)
+    return manifest, ran
