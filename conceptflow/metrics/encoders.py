@@ -89,7 +89,9 @@ class ImageEncoder:
         self.model_id = model_id
         self.device = device
         self.batch_size = batch_size
-        self.model, self.processor = load_transformers_model(model_id, _ViTWithoutPooler, AutoImageProcessor, device)
+        self.model, self.processor = load_transformers_model(
+            model_id, _ViTWithoutPooler, AutoImageProcessor, device
+        )
 
     @torch.no_grad()
     def embed_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
@@ -131,7 +133,8 @@ class PerceptualDistance:
     def describe(self) -> str:
         if self.pretrained_backbone:
             return "lpips-v0.1-alex (ImageNet backbone)"
-        return f"lpips-v0.1-alex (random backbone, seed {LPIPS_RANDOM_SEED}: no ImageNet AlexNet in the torch cache)"
+        return (f"lpips-v0.1-alex (random backbone, seed {LPIPS_RANDOM_SEED}: "
+                "no ImageNet AlexNet in the torch cache)")
 
     def _tensor(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """(N, 3, H, W) in [-1, 1], all resized to ``image_size`` or the first image's size."""

@@ -79,7 +79,9 @@ def _check_inputs(generated, references, class_words) -> list[list[str]]:
         raise DataError("nothing to evaluate: no generated images were given; run the generate stage first")
     for name, images in references.items():
         if not images:
-            raise DataError(f"concept {name!r} has no reference images to compare with; add photos to its folder")
+            raise DataError(
+                f"concept {name!r} has no reference images to compare with; add photos to its folder"
+            )
     prompt_concepts = []
     for _, prompt in generated:
         names = concepts_in_prompt(prompt)
