@@ -48,7 +48,7 @@ def ensure_dvc_repo(root: Path) -> None:
         _dvc(root, "config", "core.autostage", "false")
     remotes = _dvc(root, "remote", "list").stdout
     if not remotes.strip():
-        _dvc(root, "remote", "add", "--default", DEFAULT_REMOTE, str(Path("..") / DEFAULT_REMOTE_DIR))
+        _dvc(root, "remote", "add", "--default", DEFAULT_REMOTE, DEFAULT_REMOTE_DIR)
 
 
 def record_outputs(root: Path, push: bool = True) -> None:

@@ -1,0 +1,1 @@
+"""Thin Prefect tasks: each loads the catalog, calls one conceptflow stage, returns its manifest."""

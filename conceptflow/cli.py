@@ -1,0 +1,203 @@
+"""The ``conceptflow`` command: one sub-command per stage, ``run`` for the whole catalog.
+
+Stage commands run the library directly (this is what ``dvc repro`` calls); ``run`` runs the
+Prefect flow, which calls the same functions and then records the outputs in DVC and MLflow.
+User errors print one line naming the file/field and the fix, and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Callable, Optional
+
+import typer
+
+from conceptflow.config import Catalog, load_catalog
+from conceptflow.errors import ConceptflowError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n")[0])
+registry_app = typer.Typer(no_args_is_help=True, help="Look concept and combination models up in MLflow.")
+app.add_typer(registry_app, name="registry")
+
+CatalogOption = typer.Option(Path("catalog.yaml"), "--catalog", "-c", help="catalog YAML file")
+ForceOption = typer.Option(False, "--force", help="redo the stage even if its output is up to date")
+
+
+def user_errors(command: Callable) -> Callable:
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except ConceptflowError as error:
+            typer.secho(f"error: {error}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(2)
+
+    return wrapper
+
+
+def _say(stage: str, name: str, ran: bool, manifest) -> None:
+    state = "done" if ran else "up to date"
+    typer.echo(f"{stage:9s} {name:24s} {state:10s} {manifest.path} (md5 {manifest.md5[:10]})")
+
+
+def _names(all_names: list[str], chosen: Optional[str], what: str) -> list[str]:
+    if chosen is None:
+        return all_names
+    if chosen not in all_names:
+        raise ConceptflowError(f"no {what} named {chosen!r} in the catalog; known: {all_names}")
+    return [chosen]
+
+
+def _concept_stage(stage: str, function, catalog_path: Path, concept: Optional[str], force: bool) -> None:
+    catalog = load_catalog(catalog_path)
+    for name in _names([c.name for c in catalog.concepts], concept, "concept"):
+        manifest, ran = function(catalog, name, force=force)
+        _say(stage, name, ran, manifest)
+
+
+def _combination_stage(stage: str, function, catalog_path: Path, combination: Optional[str], force: bool, **extra) -> None:
+    catalog = load_catalog(catalog_path)
+    for name in _names([c.name for c in catalog.combinations], combination, "combination"):
+        manifest, ran = function(catalog, name, force=force, **extra)
+        _say(stage, name, ran, manifest)
+
+
+@app.command()
+@user_errors
+def ingest(catalog: Path = CatalogOption, concept: Optional[str] = typer.Option(None, help="one concept (default: all)"),
+           force: bool = ForceOption):
+    """Validate, normalise and de-duplicate the concepts' photos into data/concepts/<name>/images."""
+    from conceptflow.stages.ingest import ingest as run
+
+    _concept_stage("ingest", run, catalog, concept, force)
+
+
+@app.command()
+@user_errors
+def mask(catalog: Path = CatalogOption, concept: Optional[str] = typer.Option(None), force: bool = ForceOption):
+    """Foreground masks of the ingested photos into data/concepts/<name>/masks."""
+    from conceptflow.stages.mask import mask as run
+
+    _concept_stage("mask", run, catalog, concept, force)
+
+
+@app.command()
+@user_errors
+def train(catalog: Path = CatalogOption, concept: Optional[str] = typer.Option(None), force: bool = ForceOption):
+    """Train each concept's adapter (method from the catalog) into data/adapters/<name>."""
+    from conceptflow.stages.train import train as run
+
+    _concept_stage("train", run, catalog, concept, force)
+
+
+@app.command()
+@user_errors
+def fuse(catalog: Path = CatalogOption, combination: Optional[str] = typer.Option(None), force: bool = ForceOption):
+    """Fuse the adapters of each combination into data/fused/<combination>."""
+    from conceptflow.stages.fuse import fuse as run
+
+    _combination_stage("fuse", run, catalog, combination, force)
+
+
+@app.command()
+@user_errors
+def generate(catalog: Path = CatalogOption, combination: Optional[str] = typer.Option(None),
+             sampler: Optional[str] = typer.Option(None, help="fused | conceptflow_m (default: the catalog's)"),
+             force: bool = ForceOption):
+    """Sample each combination's prompts into data/generated/<combination>."""
+    from conceptflow.stages.generate import generate as run
+
+    _combination_stage("generate", run, catalog, combination, force, sampler=sampler)
+
+
+@app.command()
+@user_errors
+def evaluate(catalog: Path = CatalogOption, combination: Optional[str] = typer.Option(None), force: bool = ForceOption):
+    """Score generated images (CLIP-T, CLIP-I, DINO, ...) into data/metrics/<combination>."""
+    from conceptflow.stages.evaluate import evaluate as run
+
+    _combination_stage("evaluate", run, catalog, combination, force)
+
+
+@app.command()
+@user_errors
+def report(catalog: Path = CatalogOption, force: bool = ForceOption):
+    """Write the HTML report to data/report/index.html."""
+    from conceptflow.stages.report import report as run
+
+    manifest, ran = run(load_catalog(catalog), force=force)
+    _say("report", "index.html", ran, manifest)
+
+
+@app.command()
+@user_errors
+def record(catalog: Path = CatalogOption, push: bool = typer.Option(True, help="push to the DVC remote")):
+    """Record the current outputs in dvc.lock (dvc commit) and push them to the DVC remote."""
+    from conceptflow.lineage import dvc_status_clean, record_outputs
+
+    root = load_catalog(catalog).root
+    record_outputs(root, push=push)
+    typer.echo(f"dvc.lock updated; dvc status clean: {dvc_status_clean(root)}")
+
+
+@app.command()
+@user_errors
+def register(catalog: Path = CatalogOption):
+    """Log every stage to MLflow and register concept.<name> / combo.<a>+<b> versions with lineage."""
+    from conceptflow.stages.register import register as run
+
+    for line in run(load_catalog(catalog)):
+        typer.echo(line)
+
+
+@app.command()
+@user_errors
+def run(catalog: Path = CatalogOption,
+        sampler: Optional[str] = typer.Option(None, help="override the catalog's sampler"),
+        runner: str = typer.Option("threads", help="threads | dask (Dask wants a Prefect server: PREFECT_API_URL)")):
+    """Run the whole catalog as a Prefect flow: ingest -> ... -> register, report."""
+    load_catalog(catalog)  # fail fast, before Prefect starts, on a bad catalog
+    from flows.catalog import run_catalog  # Prefect lives in flows/, imported only here
+
+    summary = run_catalog(str(catalog.resolve()), sampler=sampler, runner=runner)
+    typer.echo(json.dumps(summary, indent=2))
+
+
+@app.command("export-lycoris")
+@user_errors
+def export_lycoris(adapter: Path = typer.Argument(..., help="a trained conceptflow_s concept folder"),
+                   output: Path = typer.Argument(..., help="destination .safetensors (LyCORIS/kohya keys)")):
+    """Write a KronA-WED concept as a LyCORIS LoKr (dora_wd) file for ComfyUI/A1111/kohya."""
+    from conceptflow.adapters.lycoris_io import export_concept_folder
+
+    export_concept_folder(adapter, output)
+    typer.echo(f"wrote {output}")
+
+
+@registry_app.command("show")
+@user_errors
+def registry_show(name: str = typer.Argument(..., help="e.g. concept.dog or combo.dog+cat"),
+                  alias: str = typer.Option("champion"), catalog: Path = CatalogOption):
+    """Print a registered version's lineage (which data, config, code and base made it)."""
+    from conceptflow.registry import lookup, tracking_uri
+
+    info = lookup(tracking_uri(load_catalog(catalog).root), name, alias)
+    typer.echo(json.dumps(info, indent=2, default=str))
+
+
+@registry_app.command("download")
+@user_errors
+def registry_download(name: str, destination: Path, alias: str = typer.Option("champion"),
+                      catalog: Path = CatalogOption):
+    """Download a registered version's files (adapter.safetensors, concept.json, ...)."""
+    from conceptflow.registry import download, tracking_uri
+
+    path = download(tracking_uri(load_catalog(catalog).root), name, alias, destination)
+    typer.echo(str(path))
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    sys.exit(app())

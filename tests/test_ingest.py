@@ -1,0 +1,65 @@
+"""Ingest: decode check, EXIF orientation, RGB, square resize, duplicates, safe failure."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conceptflow.data.ingest import ingest_concept, ingested_images
+from conceptflow.errors import DataError
+
+
+def photo(path, size=(80, 40), colour=(200, 30, 30), mode="RGB", exif_orientation=None):
+    image = Image.new(mode, size, colour if mode == "RGB" else 128)
+    image.paste((10, 200, 10) if mode == "RGB" else 20, (0, 0, size[0], size[1] // 2))  # green top half
+    kwargs = {}
+    if exif_orientation:
+        exif = Image.Exif()
+        exif[0x0112] = exif_orientation
+        kwargs["exif"] = exif
+    image.save(path, **kwargs)
+    return path
+
+
+def test_normalises_and_drops_duplicates(tmp_path):
+    source = tmp_path / "src"
+    source.mkdir()
+    photo(source / "a.jpg")
+    photo(source / "b.png", mode="L")
+    (source / "c.jpg").write_bytes((source / "a.jpg").read_bytes())  # byte-identical copy
+    photo(source / "d.jpg", exif_orientation=6)  # rotated 90° by EXIF
+    manifest = ingest_concept(source, tmp_path / "out", resolution=32)
+    outputs = ingested_images(tmp_path / "out")
+    assert len(outputs) == 3
+    assert [d["duplicate_of"].endswith("a.jpg") for d in manifest["dropped_duplicates"]] == [True]
+    for path in outputs:
+        with Image.open(path) as image:
+            assert image.size == (32, 32) and image.mode == "RGB"
+    # EXIF orientation 6 (rotate 90° clockwise): the green top half ends on the right.
+    with Image.open(outputs[2]) as rotated:
+        left, right = np.asarray(rotated)[16, 2], np.asarray(rotated)[16, 29]
+    assert left[0] > 150 and right[1] > 150
+
+
+def test_corrupt_file_names_file_and_keeps_previous_output(tmp_path):
+    source = tmp_path / "src"
+    source.mkdir()
+    photo(source / "a.jpg")
+    ingest_concept(source, tmp_path / "out", resolution=32)
+    before = (tmp_path / "out" / "000.png").read_bytes()
+    (source / "broken.jpg").write_bytes(b"\xff\xd8 this is not a jpeg")
+    with pytest.raises(DataError) as error:
+        ingest_concept(source, tmp_path / "out", resolution=32)
+    assert "broken.jpg" in str(error.value) and "remove it" in str(error.value)
+    assert (tmp_path / "out" / "000.png").read_bytes() == before
+
+
+def test_non_image_file_and_empty_folder(tmp_path):
+    source = tmp_path / "src"
+    source.mkdir()
+    with pytest.raises(DataError, match="holds no images"):
+        ingest_concept(source, tmp_path / "out", 32)
+    (source / "notes.txt").write_text("hello")
+    with pytest.raises(DataError, match="notes.txt"):
+        ingest_concept(source, tmp_path / "out", 32)
+    with pytest.raises(DataError, match="does not exist"):
+        ingest_concept(tmp_path / "missing", tmp_path / "out", 32)
