@@ -1,0 +1,425 @@
+"""MLflow: one run per stage output, registered versions, the ``champion`` alias, lineage tags.
+
+Names: ``concept.<name>`` for a trained concept, ``combo.<combination>`` for a fused model
+(``combo.dog+cat``). MLflow forbids only '/' and ':' in registered-model names, and the
+REST client percent-encodes '+', so names are used as they are, over SQLite and HTTP alike.
+
+Every run and version carries the lineage the pipeline hands in (DVC md5s of the data, the
+config hash, the git revision, the base model) plus ``artifact.md5``, the DVC md5 of the
+stage output. That md5 makes logging idempotent: a stage output already logged, or a version
+already registered, is found and returned instead of being added again.
+
+``champion`` moves to a new version only when its score (a version tag) is no worse than the
+current champion's; an unscored version takes the alias only when there is no champion yet or
+the champion has no score either.
+
+The store is ``MLFLOW_TRACKING_URI`` when set, else ``sqlite:///<project>/mlruns.db`` with
+artifacts in ``<project>/mlartifacts``. ``start_mlflow_server`` runs ``mlflow server`` on
+127.0.0.1 for the server mode (e.g. on PostgreSQL).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Mapping
+
+# No telemetry and no progress bars: the pipeline runs offline and logs to files.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+from mlflow import MlflowClient  # noqa: E402
+from mlflow.entities import Metric, Param, RunStatus, RunTag  # noqa: E402
+from mlflow.exceptions import MlflowException  # noqa: E402
+
+from conceptflow.errors import ConceptflowError, ModelUnavailableError  # noqa: E402
+from conceptflow.fileio import atomic_directory, content_md5  # noqa: E402
+
+STAGES = ("ingest", "mask", "train", "fuse", "generate", "evaluate")
+CHAMPION = "champion"
+ARTIFACT_MD5 = "artifact.md5"
+ARTIFACT_PATH = "output"  # where a run keeps its stage folder: runs:/<id>/output
+SCORE = "score"
+SCORE_HIGHER_IS_BETTER = "score.higher_is_better"
+ARTIFACTS_LOGGED = "conceptflow.artifacts_logged"
+_BATCH = 100  # MLflow's per-request limit for params and tags (metrics allow 1000)
+
+
+class RegistryError(ConceptflowError):
+    """A stage output or registry entry cannot be logged, found or read."""
+
+
+# ---------------------------------------------------------------- store
+
+
+def tracking_uri(project_root: Path) -> str:
+    """``MLFLOW_TRACKING_URI`` if set, else the project's SQLite file (absolute path)."""
+    configured = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
+    if configured:
+        return normalise_database_uri(configured)
+    return f"sqlite:///{Path(project_root).resolve() / 'mlruns.db'}"
+
+
+def normalise_database_uri(uri: str) -> str:
+    """Pin ``postgresql://`` to psycopg2 when psycopg 3 is absent.
+
+    SQLAlchemy 2.1 made psycopg 3 the default PostgreSQL driver; this project ships
+    psycopg2-binary, so a plain ``postgresql://`` URI would fail with "No module named psycopg".
+    """
+    if uri.startswith("postgresql://"):
+        try:
+            import psycopg  # noqa: F401
+        except ImportError:
+            return "postgresql+psycopg2://" + uri[len("postgresql://"):]
+    return uri
+
+
+def _client(store: str | MlflowClient) -> MlflowClient:
+    if isinstance(store, MlflowClient):
+        return store
+    uri = normalise_database_uri(store)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def _artifact_root(client: MlflowClient) -> str | None:
+    """Artifacts beside a SQLite file (else the cwd would get ./mlruns); servers choose their own."""
+    uri = client._tracking_client.tracking_uri  # no public accessor in MLflow 3.17
+    if uri.startswith("sqlite:///"):
+        database = Path(uri[len("sqlite:///"):])
+        return (database.parent / "mlartifacts").resolve().as_uri()
+    return None
+
+
+def experiment_id(store: str | MlflowClient, name: str) -> str:
+    """The id of experiment ``name``, created on first use (safe against a concurrent creator)."""
+    client = _client(store)
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=_artifact_root(client))
+    except MlflowException as error:
+        if error.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        return client.get_experiment_by_name(name).experiment_id
+
+
+def model_name(kind: str, name: str) -> str:
+    """``concept.<name>`` or ``combo.<name>`` (a combination's name joins its concepts with '+')."""
+    if kind not in ("concept", "combo"):
+        raise RegistryError(f"registered-model kind must be 'concept' or 'combo', not {kind!r}")
+    if not name or any(c in name for c in "/:'\"@"):
+        raise RegistryError(f"{kind} name {name!r} cannot be a registered-model name: "
+                            "rename it in the catalog without '/', ':', '@' or quotes")
+    return f"{kind}.{name}"
+
+
+# ---------------------------------------------------------------- runs
+
+
+def read_stage(stage_dir: Path) -> dict:
+    """Load and check ``stage.json`` (see the contract in the module docstring)."""
+    path = Path(stage_dir) / "stage.json"
+    try:
+        record = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise RegistryError(f"{path} is missing: every stage output folder must hold stage.json") from None
+    except json.JSONDecodeError as error:
+        raise RegistryError(f"{path} is not valid JSON ({error}); rerun the stage to rewrite it") from None
+    if record.get("stage") not in STAGES:
+        raise RegistryError(f"{path}: field 'stage' must be one of {STAGES}, not {record.get('stage')!r}")
+    if not isinstance(record.get("name"), str) or not record["name"]:
+        raise RegistryError(f"{path}: field 'name' must be the concept or combination name")
+    for field in ("params", "metrics"):
+        if not isinstance(record.get(field, {}), dict):
+            raise RegistryError(f"{path}: field {field!r} must be a flat mapping")
+    if not isinstance(record.get("history", []), list):
+        raise RegistryError(f"{path}: field 'history' must be a list of {{'step': int, metric: value}}")
+    return {"params": {}, "metrics": {}, "history": [], "config_hash": "", **record}
+
+
+def _stage_metrics(record: dict, timestamp_ms: int) -> list[Metric]:
+    """History as step metrics; final metrics at the last step, so MLflow shows them as latest.
+
+    A final value replaces the history's value for the same metric at that step (one point each).
+    """
+    points: dict[tuple[str, int], float] = {}
+    for row in record["history"]:
+        step = int(row["step"])
+        points.update({(key, step): float(value) for key, value in row.items() if key != "step"})
+    last_step = max((step for _, step in points), default=0)
+    points.update({(key, last_step): float(value) for key, value in record["metrics"].items()})
+    return [Metric(key, value, timestamp_ms, step) for (key, step), value in points.items()]
+
+
+def _find_run(client: MlflowClient, experiment: str, stage: str, name: str, md5: str):
+    runs = client.search_runs(
+        [experiment],
+        filter_string=f"tags.stage = '{stage}' and tags.`{ARTIFACT_MD5}` = '{md5}' "
+                      f"and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"],
+    )
+    # The name is compared here rather than in the filter: combination names may hold
+    # characters the filter grammar would need escaped.
+    return next((run for run in runs if run.data.tags.get("name") == name), None)
+
+
+def _log_folder(client: MlflowClient, run_id: str, stage_dir: Path) -> None:
+    """Log the stage folder under ``output/``; hidden files (atomic-write temporaries) stay out."""
+    with tempfile.TemporaryDirectory(prefix="cf-mlflow-") as staging:
+        for file in sorted(Path(stage_dir).rglob("*")):
+            relative = file.relative_to(stage_dir)
+            if file.is_file() and not any(part.startswith(".") for part in relative.parts):
+                _link_or_copy(file, Path(staging) / relative)
+        client.log_artifacts(run_id, staging, ARTIFACT_PATH)
+    client.set_tag(run_id, ARTIFACTS_LOGGED, "true")
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(source, target)  # no second copy of a large adapter when /tmp shares the disk
+    except OSError:
+        shutil.copy2(source, target)
+
+
+def log_stage_run(store: str | MlflowClient, experiment: str, stage_dir: Path, lineage: Mapping[str, str],
+                  log_artifacts: bool = True) -> str:
+    """Log one stage output as one MLflow run and return its id.
+
+    Params, final metrics, the history as step metrics, tags (lineage, ``stage``, ``name``,
+    ``config_hash``, ``artifact.md5``) and, if ``log_artifacts``, the folder under ``output/``.
+    ``artifact.md5`` comes from ``lineage`` or is computed (DVC's folder md5). A finished run
+    with the same stage, name and md5 is returned as it is (its artifacts added if it had none).
+    """
+    client = _client(store)
+    stage_dir = Path(stage_dir)
+    record = read_stage(stage_dir)
+    md5 = lineage.get(ARTIFACT_MD5) or content_md5(stage_dir)
+    experiment_key = experiment_id(client, experiment)
+
+    existing = _find_run(client, experiment_key, record["stage"], record["name"], md5)
+    if existing is not None:
+        if log_artifacts and existing.data.tags.get(ARTIFACTS_LOGGED) != "true":
+            _log_folder(client, existing.info.run_id, stage_dir)
+        return existing.info.run_id
+
+    tags = {str(k): str(v) for k, v in lineage.items()}
+    tags.update({"stage": record["stage"], "name": record["name"], ARTIFACT_MD5: md5,
+                 "config_hash": str(record["config_hash"] or lineage.get("config_hash", "")),
+                 ARTIFACTS_LOGGED: "false", "mlflow.runName": f"{record['stage']}:{record['name']}"})
+    if "git_revision" in lineage:
+        tags["mlflow.source.git.commit"] = str(lineage["git_revision"])
+    run_id = client.create_run(experiment_key, run_name=tags["mlflow.runName"]).info.run_id
+    try:
+        tag_list = [RunTag(k, v) for k, v in tags.items()]
+        params = [Param(str(k), str(v)) for k, v in record["params"].items()]
+        metrics = _stage_metrics(record, int(time.time() * 1000))
+        for start in range(0, max(len(tag_list), len(params), len(metrics)), _BATCH):
+            client.log_batch(run_id, metrics=metrics[start:start + _BATCH], params=params[start:start + _BATCH],
+                             tags=tag_list[start:start + _BATCH])
+        if log_artifacts:
+            _log_folder(client, run_id, stage_dir)
+    except BaseException:
+        client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
+        raise
+    client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
+    return run_id
+
+
+# ---------------------------------------------------------------- registry
+
+
+def _versions(client: MlflowClient, name: str) -> list:
+    versions, token = [], None
+    while True:
+        page = client.search_model_versions(f"name = '{name}'", max_results=1000, page_token=token)
+        versions += list(page)
+        token = page.token
+        if not token:
+            return versions
+
+
+def _ensure_registered_model(client: MlflowClient, name: str) -> None:
+    try:
+        client.create_registered_model(name)
+    except MlflowException as error:
+        if error.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+
+
+def _no_worse(new: float | None, champion: float | None, higher_is_better: bool) -> bool:
+    if champion is None:
+        return True
+    if new is None:
+        return False
+    return new >= champion if higher_is_better else new <= champion
+
+
+def _champion(client: MlflowClient, name: str):
+    try:
+        return client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException as error:
+        if error.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            return None
+        raise
+
+
+def _score(version) -> float | None:
+    value = version.tags.get(SCORE)
+    return None if value in (None, "") else float(value)
+
+
+def register_version(store: str | MlflowClient, model_name: str, run_id: str, lineage: Mapping[str, str],
+                     score: float | None, higher_is_better: bool = True,
+                     artifact_path: str = ARTIFACT_PATH) -> tuple[str, bool]:
+    """Register ``runs:/<run_id>/<artifact_path>`` as a version of ``model_name``.
+
+    Version tags: the lineage, ``artifact.md5`` (from ``lineage`` or the run), ``run_id`` and
+    the score. A version with the same ``artifact.md5`` is returned instead of a new one (the
+    alias untouched). ``champion`` moves to the new version when it is no worse than the
+    current champion (ties move it: the newest of equals wins). Returns (version, moved).
+    """
+    client = _client(store)
+    run = client.get_run(run_id)
+    md5 = lineage.get(ARTIFACT_MD5) or run.data.tags.get(ARTIFACT_MD5)
+    _ensure_registered_model(client, model_name)
+    if md5:
+        same = [v for v in _versions(client, model_name) if v.tags.get(ARTIFACT_MD5) == md5]
+        if same:
+            return str(max(int(v.version) for v in same)), False
+
+    tags = {str(k): str(v) for k, v in lineage.items()}
+    tags.update({ARTIFACT_MD5: md5 or "", "run_id": run_id, "stage": run.data.tags.get("stage", ""),
+                 SCORE: "" if score is None else repr(float(score)),
+                 SCORE_HIGHER_IS_BETTER: str(bool(higher_is_better)).lower()})
+    version = client.create_model_version(model_name, source=f"runs:/{run_id}/{artifact_path}", run_id=run_id,
+                                          tags=tags)
+    champion = _champion(client, model_name)
+    moved = champion is None or _no_worse(None if score is None else float(score), _score(champion),
+                                          higher_is_better)
+    if moved:
+        client.set_registered_model_alias(model_name, CHAMPION, str(version.version))
+    return str(version.version), moved
+
+
+def lookup(store: str | MlflowClient, model_name: str, alias: str | None = CHAMPION,
+           version: str | None = None) -> dict:
+    """A version (by alias, or by number when ``version`` is given) as a plain dict.
+
+    Keys: name, version, aliases, run_id, source, download_uri, score, tags (the lineage).
+    """
+    client = _client(store)
+    try:
+        entry = (client.get_model_version(model_name, str(version)) if version is not None
+                 else client.get_model_version_by_alias(model_name, alias))
+    except MlflowException as error:
+        if error.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            raise
+        wanted = f"version {version}" if version is not None else f"alias {alias!r}"
+        raise ModelUnavailableError(
+            f"registered model {model_name!r} has no {wanted} in {client._tracking_client.tracking_uri}; "
+            "run the pipeline to register it, or point MLFLOW_TRACKING_URI at the store that holds it"
+        ) from None
+    return {
+        "name": model_name,
+        "version": str(entry.version),
+        "aliases": list(entry.aliases),
+        "run_id": entry.run_id,
+        "source": entry.source,
+        "download_uri": client.get_model_version_download_uri(model_name, str(entry.version)),
+        "score": _score(entry),
+        "tags": dict(entry.tags),
+    }
+
+
+def download(store: str | MlflowClient, model_name: str, alias: str | None, dst: Path,
+             version: str | None = None) -> Path:
+    """Copy a version's artifact folder to ``dst`` (replaced atomically) and return ``dst``."""
+    client = _client(store)
+    entry = lookup(client, model_name, alias, version)
+    if not entry["source"].startswith(f"runs:/{entry['run_id']}/"):
+        raise RegistryError(f"{model_name} version {entry['version']} has source {entry['source']!r}, "
+                            "not a run's artifact folder; re-register it with register_version")
+    artifact_path = entry["source"][len(f"runs:/{entry['run_id']}/"):]
+    dst = Path(dst)
+    with atomic_directory(dst) as staging:
+        # Where the files land differs by store (the folder itself locally, <dst>/<leaf> over
+        # HTTP), so download beside the staging folder and copy whatever came back.
+        with tempfile.TemporaryDirectory(prefix=".download-", dir=dst.parent) as scratch:
+            fetched = Path(client.download_artifacts(entry["run_id"], artifact_path, scratch))
+            shutil.copytree(fetched, staging, dirs_exist_ok=True)
+    return dst
+
+
+# ---------------------------------------------------------------- server
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _healthy(uri: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+@contextmanager
+def start_mlflow_server(backend_store_uri: str, artifacts_dir: Path, port: int | None = None,
+                        timeout_s: float = 180.0) -> Iterator[tuple[subprocess.Popen, str]]:
+    """Run ``mlflow server`` on 127.0.0.1 (one worker, job execution off) until the block exits.
+
+    Yields (process, "http://127.0.0.1:<port>"). Artifacts are proxied by the server and land
+    in ``artifacts_dir``. The first start on an empty database also runs MLflow's migrations
+    (tens of seconds on PostgreSQL); later starts take ~7-10 s.
+    """
+    port = port or _free_port()
+    uri = f"http://127.0.0.1:{port}"
+    artifacts_dir = Path(artifacts_dir)
+    artifacts_dir.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false", MLFLOW_DISABLE_TELEMETRY="true")
+    command = [sys.executable, "-m", "mlflow", "server",
+               "--backend-store-uri", normalise_database_uri(backend_store_uri),
+               "--artifacts-destination", str(artifacts_dir.resolve()),
+               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    log = tempfile.NamedTemporaryFile(prefix="mlflow-server-", suffix=".log", delete=False)
+    # Its own process group: `mlflow server` starts uvicorn as a child, and both must stop.
+    process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while not _healthy(uri):
+            if process.poll() is not None or time.monotonic() > deadline:
+                tail = Path(log.name).read_text(errors="replace")[-3000:]
+                raise RegistryError(f"mlflow server for {backend_store_uri} did not become healthy "
+                                    f"(exit code {process.poll()}); its log {log.name} ends:\n{tail}")
+            time.sleep(0.25)
+        yield process, uri
+    finally:
+        _stop(process)
+        log.close()
+
+
+def _stop(process: subprocess.Popen) -> None:
+    if process.poll() is not None:
+        return
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=10)
