@@ -99,7 +99,8 @@ def record_concept_inputs(pipeline, layers, word: str, denoising_steps: int, gen
     latents = torch.randn(1, unet.config.in_channels, size, size, generator=generator) * scheduler.init_noise_sigma
     with GramRecorder(unet_layers) as unet_recorder:
         for timestep in scheduler.timesteps:
-            noise = unet(scheduler.scale_model_input(latents, timestep), timestep, encoder_hidden_states=embeddings).sample
+            model_input = scheduler.scale_model_input(latents, timestep)
+            noise = unet(model_input, timestep, encoder_hidden_states=embeddings).sample
             latents = scheduler.step(noise, timestep, latents).prev_sample
     recorders = (text_recorder, unet_recorder)
     return {name: (recorder.grams[name], recorder.counts[name]) for recorder in recorders for name in recorder.grams}

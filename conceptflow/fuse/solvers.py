@@ -46,7 +46,8 @@ def _check_shapes(weight: torch.Tensor, deltas: Sequence[torch.Tensor | None], g
     if weight.ndim != 2:
         raise ValueError(f"W0 must be a (d_out, d_in) matrix, got shape {tuple(weight.shape)}")
     if len(deltas) != len(grams) or not grams:
-        raise ValueError(f"need one Gram per concept and at least one concept: {len(deltas)} deltas, {len(grams)} Grams")
+        raise ValueError(f"need one Gram per concept and at least one concept: "
+                         f"{len(deltas)} deltas, {len(grams)} Grams")
     d_out, d_in = weight.shape
     for index, (delta, gram) in enumerate(zip(deltas, grams)):
         if delta is not None and tuple(delta.shape) != (d_out, d_in):
