@@ -95,7 +95,7 @@ def otsu_foreground(saliency: np.ndarray) -> np.ndarray:
 
 
 def grabcut_refine(rgb: np.ndarray, foreground: np.ndarray, iterations: int = 4) -> np.ndarray:
-    """Step 4: GrabCut initialised with ``foreground`` as probable FG and the rest as probable BG."""
+    """Step 4: GrabCut started from ``foreground`` as probable FG, the rest as probable BG."""
     labels = np.where(foreground, cv2.GC_PR_FGD, cv2.GC_PR_BGD).astype(np.uint8)
     background_model = np.zeros((1, 65), np.float64)
     foreground_model = np.zeros((1, 65), np.float64)
