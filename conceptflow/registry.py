@@ -4,6 +4,11 @@ Names: ``concept.<name>`` for a trained concept, ``combo.<combination>`` for a f
 (``combo.dog+cat``). MLflow forbids only '/' and ':' in registered-model names, and the
 REST client percent-encodes '+', so names are used as they are, over SQLite and HTTP alike.
 
+A stage output is a folder whose ``stage.json`` holds {"stage", "name", "params": flat,
+"metrics": flat floats (null = not computed), "history": [{"step": int, metric: float}],
+"config_hash"}; the rest of the folder (hidden files aside) is the artifact, logged under
+``output/`` of the stage's run.
+
 Every run and version carries the lineage the pipeline hands in (DVC md5s of the data, the
 config hash, the git revision, the base model) plus ``artifact.md5``, the DVC md5 of the
 stage output. That md5 makes logging idempotent: a stage output already logged, or a version
@@ -45,7 +50,7 @@ from mlflow.exceptions import MlflowException  # noqa: E402
 from conceptflow.errors import ConceptflowError, ModelUnavailableError  # noqa: E402
 from conceptflow.fileio import atomic_directory, content_md5  # noqa: E402
 
-STAGES = ("ingest", "mask", "train", "fuse", "generate", "evaluate")
+STAGES = ("ingest", "mask", "train", "fuse", "generate", "evaluate", "report")
 CHAMPION = "champion"
 ARTIFACT_MD5 = "artifact.md5"
 ARTIFACT_PATH = "output"  # where a run keeps its stage folder: runs:/<id>/output
@@ -93,7 +98,7 @@ def _client(store: str | MlflowClient) -> MlflowClient:
 
 def _artifact_root(client: MlflowClient) -> str | None:
     """Artifacts beside a SQLite file (else the cwd would get ./mlruns); servers choose their own."""
-    uri = client._tracking_client.tracking_uri  # no public accessor in MLflow 3.17
+    uri = client.tracking_uri
     if uri.startswith("sqlite:///"):
         database = Path(uri[len("sqlite:///"):])
         return (database.parent / "mlartifacts").resolve().as_uri()
@@ -128,7 +133,7 @@ def model_name(kind: str, name: str) -> str:
 
 
 def read_stage(stage_dir: Path) -> dict:
-    """Load and check ``stage.json`` (see the contract in the module docstring)."""
+    """Load and check a stage folder's ``stage.json`` (fields in the module docstring)."""
     path = Path(stage_dir) / "stage.json"
     try:
         record = json.loads(path.read_text())
@@ -136,30 +141,42 @@ def read_stage(stage_dir: Path) -> dict:
         raise RegistryError(f"{path} is missing: every stage output folder must hold stage.json") from None
     except json.JSONDecodeError as error:
         raise RegistryError(f"{path} is not valid JSON ({error}); rerun the stage to rewrite it") from None
-    if record.get("stage") not in STAGES:
-        raise RegistryError(f"{path}: field 'stage' must be one of {STAGES}, not {record.get('stage')!r}")
+    if not isinstance(record.get("stage"), str) or not record["stage"]:
+        raise RegistryError(f"{path}: field 'stage' must name the stage (e.g. one of {STAGES})")
     if not isinstance(record.get("name"), str) or not record["name"]:
         raise RegistryError(f"{path}: field 'name' must be the concept or combination name")
     for field in ("params", "metrics"):
         if not isinstance(record.get(field, {}), dict):
             raise RegistryError(f"{path}: field {field!r} must be a flat mapping")
-    if not isinstance(record.get("history", []), list):
+    history = record.get("history", [])
+    if not isinstance(history, list) or not all(isinstance(row, dict) and isinstance(row.get("step"), int)
+                                                for row in history):
         raise RegistryError(f"{path}: field 'history' must be a list of {{'step': int, metric: value}}")
     return {"params": {}, "metrics": {}, "history": [], "config_hash": "", **record}
 
 
-def _stage_metrics(record: dict, timestamp_ms: int) -> list[Metric]:
+def _metric_value(path: Path, key: str, value) -> float | None:
+    if value is None:  # a metric the stage could not compute: logged as absent, not as 0
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise RegistryError(f"{path}: metric {key!r} is {value!r}, not a number; fix the stage that wrote it") from None
+
+
+def _stage_metrics(record: dict, stage_json: Path, timestamp_ms: int) -> list[Metric]:
     """History as step metrics; final metrics at the last step, so MLflow shows them as latest.
 
     A final value replaces the history's value for the same metric at that step (one point each).
     """
-    points: dict[tuple[str, int], float] = {}
+    points: dict[tuple[str, int], float | None] = {}
     for row in record["history"]:
         step = int(row["step"])
-        points.update({(key, step): float(value) for key, value in row.items() if key != "step"})
+        points.update({(key, step): _metric_value(stage_json, key, value) for key, value in row.items()
+                       if key != "step"})
     last_step = max((step for _, step in points), default=0)
-    points.update({(key, last_step): float(value) for key, value in record["metrics"].items()})
-    return [Metric(key, value, timestamp_ms, step) for (key, step), value in points.items()]
+    points.update({(key, last_step): _metric_value(stage_json, key, value) for key, value in record["metrics"].items()})
+    return [Metric(key, value, timestamp_ms, step) for (key, step), value in points.items() if value is not None]
 
 
 def _find_run(client: MlflowClient, experiment: str, stage: str, name: str, md5: str):
@@ -198,7 +215,8 @@ def log_stage_run(store: str | MlflowClient, experiment: str, stage_dir: Path, l
     """Log one stage output as one MLflow run and return its id.
 
     Params, final metrics, the history as step metrics, tags (lineage, ``stage``, ``name``,
-    ``config_hash``, ``artifact.md5``) and, if ``log_artifacts``, the folder under ``output/``.
+    ``artifact.md5``, ``config_hash`` from the lineage or else stage.json, whose own value is
+    also kept as ``stage.config_hash``) and, if ``log_artifacts``, the folder under ``output/``.
     ``artifact.md5`` comes from ``lineage`` or is computed (DVC's folder md5). A finished run
     with the same stage, name and md5 is returned as it is (its artifacts added if it had none).
     """
@@ -214,23 +232,25 @@ def log_stage_run(store: str | MlflowClient, experiment: str, stage_dir: Path, l
             _log_folder(client, existing.info.run_id, stage_dir)
         return existing.info.run_id
 
-    tags = {str(k): str(v) for k, v in lineage.items()}
-    tags.update({"stage": record["stage"], "name": record["name"], ARTIFACT_MD5: md5,
-                 "config_hash": str(record["config_hash"] or lineage.get("config_hash", "")),
-                 ARTIFACTS_LOGGED: "false", "mlflow.runName": f"{record['stage']}:{record['name']}"})
+    tags = {"config_hash": str(record["config_hash"]), **{str(k): str(v) for k, v in lineage.items()}}
+    tags.update({"stage": record["stage"], "name": record["name"], "stage.config_hash": str(record["config_hash"]),
+                 ARTIFACT_MD5: md5, ARTIFACTS_LOGGED: "false",
+                 "mlflow.runName": f"{record['stage']}:{record['name']}"})
     if "git_revision" in lineage:
         tags["mlflow.source.git.commit"] = str(lineage["git_revision"])
+    tag_list = [RunTag(k, v) for k, v in tags.items()]
+    params = [Param(str(k), str(v)) for k, v in record["params"].items()]
+    metrics = _stage_metrics(record, stage_dir / "stage.json", int(time.time() * 1000))
+
     run_id = client.create_run(experiment_key, run_name=tags["mlflow.runName"]).info.run_id
     try:
-        tag_list = [RunTag(k, v) for k, v in tags.items()]
-        params = [Param(str(k), str(v)) for k, v in record["params"].items()]
-        metrics = _stage_metrics(record, int(time.time() * 1000))
         for start in range(0, max(len(tag_list), len(params), len(metrics)), _BATCH):
             client.log_batch(run_id, metrics=metrics[start:start + _BATCH], params=params[start:start + _BATCH],
                              tags=tag_list[start:start + _BATCH])
         if log_artifacts:
             _log_folder(client, run_id, stage_dir)
     except BaseException:
+        # A half-logged run stays FAILED, so the idempotency lookup (FINISHED only) ignores it.
         client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
         raise
     client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
@@ -328,7 +348,7 @@ def lookup(store: str | MlflowClient, model_name: str, alias: str | None = CHAMP
             raise
         wanted = f"version {version}" if version is not None else f"alias {alias!r}"
         raise ModelUnavailableError(
-            f"registered model {model_name!r} has no {wanted} in {client._tracking_client.tracking_uri}; "
+            f"registered model {model_name!r} has no {wanted} in {client.tracking_uri}; "
             "run the pipeline to register it, or point MLFLOW_TRACKING_URI at the store that holds it"
         ) from None
     return {
@@ -412,6 +432,7 @@ def start_mlflow_server(backend_store_uri: str, artifacts_dir: Path, port: int |
     finally:
         _stop(process)
         log.close()
+    Path(log.name).unlink(missing_ok=True)  # kept only when the server failed (the error names it)
 
 
 def _stop(process: subprocess.Popen) -> None:

@@ -35,7 +35,7 @@ def make_stage_dir(root: Path, name: str, payload: bytes, stage: str = "train", 
     (stage_dir / "stage.json").write_text(json.dumps({
         "stage": stage, "name": name, "config_hash": "cfg-abc",
         "params": {"rank": 4, "lr": 1e-4, "method": "edlora", "text_encoder": True},
-        "metrics": {"loss": final_loss, "identity": 0.7},
+        "metrics": {"loss": final_loss, "identity": 0.7, "kid": None},  # None: not computed
         "history": [{"step": 0, "loss": 1.0}, {"step": 1, "loss": 0.5}, {"step": 2, "loss": final_loss}],
     }))
     return stage_dir
@@ -75,6 +75,7 @@ def test_stage_run_holds_params_metrics_history_tags_and_folder(store, tmp_path)
     for key, value in LINEAGE.items():
         assert run.data.tags[key] == value
     assert run.data.tags["stage"] == "train" and run.data.tags["name"] == "dog"
+    assert run.data.tags["stage.config_hash"] == "cfg-abc"
     assert run.data.tags[registry.ARTIFACT_MD5] == content_md5(stage_dir)
     assert run.data.tags["mlflow.source.git.commit"] == LINEAGE["git_revision"]
 
@@ -177,6 +178,18 @@ def test_lookup_of_missing_alias_names_the_model(store):
 def test_stage_folder_without_stage_json_is_a_user_error(store, tmp_path):
     with pytest.raises(registry.RegistryError, match="stage.json"):
         registry.log_stage_run(store, "exp", tmp_path, LINEAGE, log_artifacts=False)
+
+
+def test_non_numeric_metric_is_a_user_error_and_logs_no_run(store, tmp_path):
+    stage_dir = make_stage_dir(tmp_path, "dog", b"w")
+    record = json.loads((stage_dir / "stage.json").read_text())
+    record["metrics"]["identity"] = "high"
+    (stage_dir / "stage.json").write_text(json.dumps(record))
+    experiment = unique("exp-")
+    with pytest.raises(registry.RegistryError, match="identity"):
+        registry.log_stage_run(store, experiment, stage_dir, LINEAGE, log_artifacts=False)
+    client = registry._client(store)
+    assert client.search_runs([registry.experiment_id(client, experiment)], run_view_type=3) == []
 
 
 def test_model_names_reject_what_mlflow_cannot_hold():
