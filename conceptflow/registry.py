@@ -279,6 +279,7 @@ def _ensure_registered_model(client: MlflowClient, name: str) -> None:
 
 
 def _no_worse(new: float | None, champion: float | None, higher_is_better: bool) -> bool:
+    """An unscored champion yields to any version; an unscored version never displaces a scored one."""
     if champion is None:
         return True
     if new is None:
