@@ -19,7 +19,7 @@ def mask(catalog: Catalog, concept_name: str, force: bool = False):
     images = require_manifest(layout.images(concept_name), "ingested images", f"ingest --concept {concept_name}")
 
     def produce(staging):
-        backend = get_mask_backend(catalog.mask, device=catalog.device)
+        backend = get_mask_backend(catalog.mask, device=catalog.device, root=catalog.root)
         coverage = []
         for path in tqdm(ingested_images(layout.images(concept_name)), desc=f"mask {concept_name}", leave=False):
             with Image.open(path) as opened:

@@ -1,0 +1,92 @@
+"""Stage 7: log every stage output to MLflow and register concept and combination versions.
+
+Lineage tags say exactly what made a version: the DVC md5s of its data (from dvc.lock), the
+config hash, the git revision and the base model (id and content hash); a combination also
+names the registered versions of the concepts it fused. Logging is idempotent (a stage output
+already logged, or a version already registered, is found by its md5), so a run with nothing
+changed adds nothing to the registry.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from conceptflow.config import Catalog
+from conceptflow.layout import Layout
+from conceptflow.lineage import git_revision, locked_output_md5s
+from conceptflow.models.loading import model_fingerprint
+from conceptflow.stages.base import require_manifest
+
+
+def _relative(layout: Layout, folder: Path) -> str:
+    return folder.relative_to(layout.root).as_posix()
+
+
+def _lineage_of(layout: Layout, locked: dict, folders: dict[str, Path]) -> dict[str, str]:
+    lineage = {}
+    for label, folder in folders.items():
+        manifest = require_manifest(folder, label, label)
+        lineage[f"dvc.{label}.md5"] = locked.get(_relative(layout, folder), manifest.md5)
+    return lineage
+
+
+def _concept_scores(layout: Layout, catalog: Catalog) -> dict[str, float]:
+    """A concept's score: its mean DINO identity over the combinations it appears in."""
+    collected: dict[str, list[float]] = {}
+    for combination in catalog.combinations:
+        path = layout.metrics(combination.name) / "metrics.json"
+        if not path.is_file():
+            continue
+        per_concept = json.loads(path.read_text()).get("per_concept", {})
+        for name, values in per_concept.items():
+            if values.get("dino") is not None:
+                collected.setdefault(name, []).append(float(values["dino"]))
+    return {name: sum(values) / len(values) for name, values in collected.items()}
+
+
+def register(catalog: Catalog) -> list[str]:
+    from conceptflow.registry import log_stage_run, model_name, register_version, tracking_uri
+
+    layout = Layout(catalog)
+    uri = tracking_uri(layout.root)
+    locked = locked_output_md5s(layout.root)
+    common = {"git_revision": git_revision(layout.root), "base_model": catalog.base_model,
+              "base_model_hash": model_fingerprint(catalog.base_model), "catalog": catalog.project}
+    scores = _concept_scores(layout, catalog)
+    lines, concept_versions = [], {}
+
+    for concept in catalog.concepts:
+        name = concept.name
+        folders = {"images": layout.images(name), "masks": layout.masks(name), "adapter": layout.adapter(name)}
+        lineage = {**common, **_lineage_of(layout, locked, folders), "method": concept.train.method,
+                   "config_hash": require_manifest(folders["adapter"], "adapter", "train").config_hash}
+        for label in ("images", "masks"):
+            log_stage_run(uri, catalog.project, folders[label],
+                          {**lineage, "artifact.md5": lineage[f"dvc.{label}.md5"]}, log_artifacts=True)
+        run_id = log_stage_run(uri, catalog.project, folders["adapter"],
+                               {**lineage, "artifact.md5": lineage["dvc.adapter.md5"]}, log_artifacts=True)
+        registered = model_name("concept", name)
+        version, moved = register_version(uri, registered, run_id, {**lineage, "artifact.md5": lineage["dvc.adapter.md5"]},
+                                          score=scores.get(name), higher_is_better=True)
+        concept_versions[name] = version
+        lines.append(f"{registered} v{version}{' (champion)' if moved else ''}")
+
+    for combination in catalog.combinations:
+        name = combination.name
+        folders = {"fused": layout.fused(name), "generated": layout.generated(name), "metrics": layout.metrics(name)}
+        lineage = {**common, **_lineage_of(layout, locked, folders),
+                   "config_hash": require_manifest(folders["fused"], "fused", "fuse").config_hash,
+                   **{f"concept.{c}.version": concept_versions[c] for c in combination.concepts},
+                   **{f"concept.{c}.dvc.adapter.md5": locked.get(_relative(layout, layout.adapter(c)), "")
+                      for c in combination.concepts}}
+        run_ids = {label: log_stage_run(uri, catalog.project, folder, {**lineage, "artifact.md5": lineage[f"dvc.{label}.md5"]})
+                   for label, folder in folders.items()}
+        metrics = json.loads((folders["metrics"] / "metrics.json").read_text())
+        score = (metrics.get("overall") or {}).get("dino")
+        registered = model_name("combo", name)
+        version, moved = register_version(uri, registered, run_ids["fused"],
+                                          {**lineage, "artifact.md5": lineage["dvc.fused.md5"]},
+                                          score=score, higher_is_better=True)
+        lines.append(f"{registered} v{version}{' (champion)' if moved else ''}")
+    return lines
