@@ -201,3 +201,7 @@ def registry_download(name: str, destination: Path, alias: str = typer.Option("c
 
 def main() -> None:  # pragma: no cover - console entry point
     sys.exit(app())
+
+
+if __name__ == "__main__":  # python -m conceptflow.cli
+    main()

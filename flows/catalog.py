@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from prefect import flow
 from prefect.futures import PrefectFuture, wait
+from prefect.task_runners import ThreadPoolTaskRunner
 
 from conceptflow.config import load_catalog
 from conceptflow.errors import ConceptflowError
@@ -20,10 +21,14 @@ from tasks.stages import (
 )
 
 
-@flow(name="conceptflow-catalog")
+# One worker thread: diffusers/transformers loading patches torch module construction globally
+# (accelerate's init_empty_weights), so two models built in two threads of one process corrupt
+# each other, and torch already uses every core for one item. Parallel fan-out runs items in
+# separate processes: `--runner dask`.
+@flow(name="conceptflow-catalog", task_runner=ThreadPoolTaskRunner(max_workers=1))
 def catalog_flow(catalog_path: str, sampler: str | None = None) -> dict:
     """ingest -> mask -> train per concept; fuse -> generate -> evaluate per combination;
-    then record in DVC, register in MLflow, write the report."""
+    then the report, record in DVC, register in MLflow."""
     catalog = load_catalog(catalog_path)
     futures: dict[str, PrefectFuture] = {}
     for concept in catalog.concepts:
@@ -53,9 +58,9 @@ def catalog_flow(catalog_path: str, sampler: str | None = None) -> dict:
         raise ConceptflowError(f"{len(failures)} task(s) did not finish ({details}). Fix the cause and run again: "
                                "finished concepts and combinations are kept and skipped.")
 
-    dvc = record_task(catalog_path)
-    registered = register_task(catalog_path)
     report = report_task(catalog_path)
+    dvc = record_task(catalog_path)  # after the report: dvc.yaml tracks it too
+    registered = register_task(catalog_path)  # after DVC: lineage tags read dvc.lock
     return {"stages": results, "dvc": dvc, "registered": registered, "report": report}
 
 

@@ -35,7 +35,7 @@ def _edlora(tensors, meta, pipeline):
 
 
 def _krona_wed(tensors, meta, pipeline):
-    from conceptflow.adapters.krona_wed import krona_wed_deltas
+    from conceptflow.train.conceptflow_s import krona_wed_deltas
 
     return krona_wed_deltas(tensors, meta, pipeline)
 

@@ -8,6 +8,7 @@ with HF_HUB_OFFLINE=1 or no network, must already be in the hub cache).
 from __future__ import annotations
 
 import hashlib
+import threading
 from pathlib import Path
 
 import torch
@@ -15,13 +16,18 @@ import torch
 from conceptflow.errors import ModelUnavailableError
 from conceptflow.models.embedded import EMBEDDED_PREFIX, embedded_model_path
 
+# from_pretrained builds modules under accelerate's init_empty_weights, which patches torch
+# globally: two threads loading at once (Prefect's thread runner) get meta tensors. Serialise.
+LOADING_LOCK = threading.RLock()
+
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def resolve_model_source(model_id: str) -> str:
     """The string to hand to ``from_pretrained``: a local folder path, or the hub id."""
     if model_id.startswith(EMBEDDED_PREFIX):
-        return str(embedded_model_path(model_id))
+        with LOADING_LOCK:
+            return str(embedded_model_path(model_id))
     if Path(model_id).expanduser().exists():
         return str(Path(model_id).expanduser().resolve())
     return model_id
@@ -40,9 +46,10 @@ def load_base_pipeline(model_id: str, device: str = "cpu", dtype: str = "float32
 
     source = resolve_model_source(model_id)
     try:
-        pipeline = StableDiffusionPipeline.from_pretrained(
-            source, torch_dtype=DTYPES[dtype], safety_checker=None, requires_safety_checker=False
-        )
+        with LOADING_LOCK:
+            pipeline = StableDiffusionPipeline.from_pretrained(
+                source, torch_dtype=DTYPES[dtype], safety_checker=None, requires_safety_checker=False
+            )
     except (OSError, ValueError, EnvironmentError) as error:
         raise _unavailable(model_id, error) from error
     pipeline.scheduler = DPMSolverMultistepScheduler.from_config(pipeline.scheduler.config)
@@ -54,8 +61,9 @@ def load_transformers_model(model_id: str, model_class, processor_class, device:
     """(model, processor) of a transformers class pair from an id or folder, in eval mode."""
     source = resolve_model_source(model_id)
     try:
-        model = model_class.from_pretrained(source)
-        processor = processor_class.from_pretrained(source)
+        with LOADING_LOCK:
+            model = model_class.from_pretrained(source)
+            processor = processor_class.from_pretrained(source)
     except (OSError, ValueError, EnvironmentError) as error:
         raise _unavailable(model_id, error) from error
     return model.eval().to(device), processor

@@ -75,9 +75,10 @@ def load_rmbg_model(model_id: str, allow_remote_code: bool, device: str = "cpu")
     from transformers import AutoModelForImageSegmentation
 
     try:
-        model = AutoModelForImageSegmentation.from_pretrained(
-            resolve_model_source(model_id), trust_remote_code=allow_remote_code
-        )
+        with LOADING_LOCK:
+            model = AutoModelForImageSegmentation.from_pretrained(
+                resolve_model_source(model_id), trust_remote_code=allow_remote_code
+            )
     except (OSError, ValueError, ImportError) as error:
         raise ModelUnavailableError(
             f"mask.rmbg_model = {model_id!r} could not be loaded: {error}. Without network it must "
