@@ -166,6 +166,18 @@ def run(catalog: Path = CatalogOption,
     typer.echo(json.dumps(summary, indent=2))
 
 
+@app.command()
+@user_errors
+def schedule(catalog: Path = CatalogOption,
+             cron: str = typer.Option("0 3 * * 1", help="cron expression (default: Mondays 03:00 UTC)"),
+             sampler: Optional[str] = typer.Option(None)):
+    """Serve the catalog flow on a cron schedule (needs a Prefect server: PREFECT_API_URL)."""
+    load_catalog(catalog)
+    from flows.schedule import serve_retraining
+
+    serve_retraining(str(catalog.resolve()), cron, sampler)
+
+
 @app.command("export-lycoris")
 @user_errors
 def export_lycoris(adapter: Path = typer.Argument(..., help="a trained conceptflow_s concept folder"),
