@@ -26,3 +26,18 @@ def save_curve(history: list[dict], destination: Path, title: str) -> Path:
         figure.savefig(temporary, format="png")
     plt.close(figure)
     return Path(destination)
+
+
+def save_heatmap(values, destination: Path, size: int) -> Path:
+    """A [0, 1] map (e.g. a cross-attention map) as a colour PNG of ``size`` x ``size`` pixels."""
+    import numpy as np
+    from matplotlib import colormaps
+    from PIL import Image
+
+    array = np.clip(np.asarray(values, dtype=np.float32), 0.0, 1.0)
+    coloured = (colormaps["inferno"](array)[..., :3] * 255).round().astype(np.uint8)
+    image = Image.fromarray(coloured).resize((size, size), Image.Resampling.NEAREST)
+    Path(destination).parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(Path(destination)) as temporary:
+        image.save(temporary, format="PNG")
+    return Path(destination)

@@ -84,17 +84,19 @@ def scores_table(metrics: dict) -> str:
 def combination_section(layout: Layout, name: str) -> str:
     parts = [f"<h2>Combination {html.escape(name)}</h2>"]
     listing = _read_json(layout.generated(name) / "images.json")
+    folder = layout.generated(name)
     if listing:
-        parts.append(f"<h3>Generated ({html.escape(listing.get('sampler', ''))})</h3><div class='row'>")
+        sampler = listing.get("sampler", "")
+        parts.append(f"<h3>Generated ({html.escape(sampler)})</h3>")
         for row in listing["images"]:
-            parts.append(figure(layout.generated(name) / row["file"], f"{row['prompt']} (seed {row['seed']})"))
-        parts.append("</div>")
-    attention_dir = layout.generated(name) / "attention"
-    if attention_dir.is_dir():
-        parts.append("<h3>Cross-attention maps</h3><div class='row'>")
-        for path in sorted(attention_dir.glob("*.png")):
-            parts.append(figure(path, path.stem))
-        parts.append("</div>")
+            caption = f"{row['prompt']} (seed {row['seed']})"
+            cells = []
+            if row.get("plain_file"):
+                cells.append(figure(folder / row["plain_file"], "plain fused"))
+            cells.append(figure(folder / row["file"], sampler))
+            for concept_name, map_file in (row.get("attention") or {}).items():
+                cells.append(figure(folder / map_file, f"<{concept_name}> attention"))
+            parts.append(f"<p class='meta'>{html.escape(caption)}</p><div class='row'>{''.join(cells)}</div>")
     metrics = _read_json(layout.metrics(name) / "metrics.json")
     if metrics:
         parts.append("<h3>Scores</h3>" + scores_table(metrics))

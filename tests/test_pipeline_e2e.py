@@ -96,3 +96,47 @@ def test_second_run_redoes_nothing(project, first_run):
     assert adapter.stat().st_mtime_ns == before
     assert summary["registered"] == ["concept.dog v1", "concept.cat v1", "combo.dog+cat v1"]
     assert summary["dvc_status_clean"] is True
+
+
+@pytest.fixture
+def postgres_database():
+    """A fresh PostgreSQL database on the local server (trust auth), dropped afterwards."""
+    import uuid
+
+    psycopg2 = pytest.importorskip("psycopg2")
+    try:
+        admin = psycopg2.connect(host="127.0.0.1", port=5432, user="postgres", dbname="test", connect_timeout=3)
+    except psycopg2.OperationalError as error:
+        pytest.skip(f"PostgreSQL at 127.0.0.1:5432 is not reachable: {error}")
+    admin.autocommit = True
+    name = f"conceptflow_prefect_{uuid.uuid4().hex[:8]}"
+    with admin.cursor() as cursor:
+        cursor.execute(f"CREATE DATABASE {name}")
+    try:
+        yield f"postgresql+asyncpg://postgres@127.0.0.1:5432/{name}"
+    finally:
+        with admin.cursor() as cursor:
+            cursor.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        admin.close()
+
+
+def test_server_mode_on_postgres_with_dask_fan_out(project, first_run, postgres_database, monkeypatch):
+    """A real Prefect server on PostgreSQL; tasks fan out to Dask worker processes."""
+    from flows.server import prefect_server
+
+    with prefect_server(postgres_database) as api_url:
+        monkeypatch.setenv("PREFECT_API_URL", api_url)
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        env.pop("MLFLOW_TRACKING_URI", None)
+        result = subprocess.run([*CLI, "run", "--catalog", "catalog.yaml", "--runner", "dask"], cwd=project, env=env,
+                                capture_output=True, text=True, timeout=900)
+        assert result.returncode == 0, result.stderr[-4000:]
+        summary = json.loads(result.stdout[result.stdout.index("{"):])
+        assert summary["ran"] == [] and len(summary["up_to_date"]) == 9
+        import urllib.request
+
+        request = urllib.request.Request(f"{api_url}/flow_runs/filter", data=b"{}", method="POST",
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request) as response:
+            runs = json.loads(response.read())
+        assert [run["state_type"] for run in runs] == ["COMPLETED"]

@@ -19,7 +19,7 @@ def _open(path):
 
 
 def evaluate(catalog: Catalog, combination_name: str, force: bool = False):
-    from conceptflow.metrics.evaluate import evaluate_images
+    from conceptflow.metrics.evaluate import evaluate_images, load_metric_encoders
 
     combination = catalog.combination(combination_name)
     layout = Layout(catalog)
@@ -33,7 +33,13 @@ def evaluate(catalog: Catalog, combination_name: str, force: bool = False):
         images = [(_open(layout.generated(combination_name) / row["file"]), row["prompt"]) for row in listing]
         reference_images = {name: [_open(p) for p in ingested_images(layout.images(name))] for name in combination.concepts}
         class_words = {name: catalog.concept(name).class_word for name in combination.concepts}
-        scores = evaluate_images(images, reference_images, class_words, catalog.evaluate, device=catalog.device)
+        encoders = load_metric_encoders(catalog.evaluate, catalog.device)
+        scores = evaluate_images(images, reference_images, class_words, catalog.evaluate, device=catalog.device,
+                                 encoders=encoders)
+        if all(row.get("plain_file") for row in listing):  # the same prompts and seeds, plain fused sampling
+            plain = [(_open(layout.generated(combination_name) / row["plain_file"]), row["prompt"]) for row in listing]
+            scores["plain"] = evaluate_images(plain, reference_images, class_words, catalog.evaluate,
+                                              device=catalog.device, encoders=encoders)["overall"]
         write_json_atomic(staging / "metrics.json", scores)
         flat = {key: float(value) for key, value in flat_params("", scores).items()
                 if isinstance(value, (int, float)) and not isinstance(value, bool)}

@@ -7,6 +7,7 @@ from conceptflow.config import Catalog, config_hash
 from conceptflow.fileio import write_json_atomic
 from conceptflow.layout import Layout
 from conceptflow.models.loading import load_base_pipeline
+from conceptflow.plots import save_heatmap
 from conceptflow.sample.fused import SampleRequest, sample_images
 from conceptflow.stages.base import require_manifest, run_stage
 
@@ -22,18 +23,31 @@ def generate(catalog: Catalog, combination_name: str, sampler: str | None = None
         pipeline = load_base_pipeline(catalog.base_model, catalog.device, catalog.dtype)
         fused_model = load_concept(layout.fused(combination_name), pipeline)
         apply_concepts(pipeline, [fused_model])
+        plain = sample_images(pipeline, requests, combination.concepts, catalog.resolution, settings.steps,
+                              settings.guidance_scale, settings.batch_size, description=f"generate {combination_name}")
+        maps = [None] * len(requests)
         if settings.sampler == "conceptflow_m":
-            from conceptflow.sample.conceptflow_m import sample_conceptflow_m
+            from conceptflow.sample.conceptflow_m import sample_conceptflow_m_with_maps
 
-            images = sample_conceptflow_m(pipeline, requests, combination.concepts, catalog.resolution, settings)
+            samples = sample_conceptflow_m_with_maps(pipeline, requests, combination.concepts, catalog.resolution,
+                                                     settings, description=f"conceptflow-m {combination_name}")
+            images, maps = samples.images, samples.attention_maps
         else:
-            images = sample_images(pipeline, requests, combination.concepts, catalog.resolution, settings.steps,
-                                   settings.guidance_scale, settings.batch_size, description=f"generate {combination_name}")
+            images, plain = plain, None
         records = []
         for index, (request, image) in enumerate(zip(requests, images)):
-            file_name = f"{index:03d}.png"
-            image.save(staging / file_name)
-            records.append({"file": file_name, "prompt": request.prompt, "seed": request.seed})
+            record = {"file": f"{index:03d}.png", "prompt": request.prompt, "seed": request.seed}
+            image.save(staging / record["file"])
+            if plain is not None:  # the same prompt and seed without SAMA and layout guidance, for comparison
+                record["plain_file"] = f"plain/{index:03d}.png"
+                (staging / "plain").mkdir(exist_ok=True)
+                plain[index].save(staging / record["plain_file"])
+            if maps[index]:
+                record["attention"] = {}
+                for concept_name, attention in maps[index].items():
+                    record["attention"][concept_name] = f"attention/{index:03d}_{concept_name}.png"
+                    save_heatmap(attention, staging / record["attention"][concept_name], catalog.resolution)
+            records.append(record)
         write_json_atomic(staging / "images.json", {"sampler": settings.sampler, "images": records})
         return {"params": {"sampler": settings.sampler, "steps": settings.steps, "guidance_scale": settings.guidance_scale,
                            "batch_size": settings.batch_size, "prompts": len(combination.prompts),
