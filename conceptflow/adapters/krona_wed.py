@@ -298,6 +298,10 @@ def _wrap_for_loading(unet: nn.Module, path: str, a_shape: tuple[int, int],
         raise ConceptflowError(
             f"adapter tensors name '{path}', which is not a linear layer of this UNet; "
             "load the adapter onto the base model it was trained on.")
+    if layer.out_features % a_shape[0] or layer.in_features % a_shape[1]:
+        raise ConceptflowError(
+            f"KronA-WED A of shape {a_shape} for '{path}' does not tile its "
+            f"{layer.out_features}×{layer.in_features} weight; load the adapter onto its own base model.")
     module = KronaWEDLinear(layer, a_shape=a_shape, forward_mode=forward_mode)
     _set_submodule(unet, path, module)
     return module
