@@ -11,9 +11,9 @@ from lycoris import kohya
 from lycoris.modules.lokr import LokrModule
 from lycoris.utils.preset import read_preset
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
-from conceptflow.adapters.krona_wed import KronaWEDLinear, inject_krona_wed
+from conceptflow.adapters.krona_wed import KronaWEDLinear, inject_krona_wed, krona_wed_state_dict
 from conceptflow.adapters.lycoris_io import export_lycoris, load_lycoris_file, lycoris_name
 from conceptflow.errors import ConceptflowError
 from conceptflow.models.embedded import embedded_model_path
@@ -63,19 +63,20 @@ def unet_inputs(unet: UNet2DConditionModel) -> dict[str, torch.Tensor]:
     }
 
 
-def randomise_(tensors, seed: int) -> None:
+def randomise_(kron_a, kron_b, magnitude, seed: int) -> None:
+    """Trained-looking adapter values: random A and B, magnitudes scaled by 0.5-1.5."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for tensor in tensors:
-            tensor.mul_(0.5 + torch.rand(tensor.shape, generator=generator)) if tensor.dim() == 1 or \
-                tensor.shape[-1] == 1 else tensor.copy_(0.3 * torch.randn(tensor.shape, generator=generator))
+        for factor in (kron_a, kron_b):
+            factor.copy_(0.3 * torch.randn(factor.shape, generator=generator))
+        magnitude.mul_(0.5 + torch.rand(magnitude.shape, generator=generator))
 
 
 def trained_krona_unet(base: UNet2DConditionModel) -> tuple[UNet2DConditionModel, dict[str, KronaWEDLinear]]:
     unet = copy.deepcopy(base)
     modules = inject_krona_wed(unet)
     for index, module in enumerate(modules.values()):
-        randomise_([module.kron_a, module.kron_b, module.magnitude], seed=index)
+        randomise_(module.kron_a, module.kron_b, module.magnitude, seed=index)
     return unet, modules
 
 
@@ -115,9 +116,6 @@ def test_lycoris_loads_our_export_to_the_same_unet(tiny_unet, tmp_path, attentio
 
 
 def test_our_export_from_state_dict_equals_export_from_modules(tiny_unet, tmp_path):
-    from conceptflow.adapters.krona_wed import krona_wed_state_dict
-    from safetensors.torch import load_file
-
     _, modules = trained_krona_unet(tiny_unet)
     from_modules = load_file(str(export_lycoris(modules, tmp_path / "a.safetensors")))
     from_state = load_file(str(export_lycoris(krona_wed_state_dict(modules), tmp_path / "b.safetensors")))
@@ -131,7 +129,7 @@ def test_lycoris_file_loads_into_ours(tiny_unet, tmp_path, attention_only_preset
                                    dora_wd=True, full_matrix=True, preset=attention_only_preset)
     network.apply_to(None, theirs, apply_text_encoder=False, apply_unet=True)
     for index, lora in enumerate(network.unet_loras):
-        randomise_([lora.lokr_w1, lora.lokr_w2, lora.dora_scale], seed=100 + index)
+        randomise_(lora.lokr_w1, lora.lokr_w2, lora.dora_scale, seed=100 + index)
     path = tmp_path / "lycoris.safetensors"
     network.save_weights(str(path), torch.float32, {})
 

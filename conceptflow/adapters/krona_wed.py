@@ -33,13 +33,15 @@ Two forward forms give the same values and gradients (``forward_mode``):
 Which is faster depends on tokens · (in + out) against out · in (the per-token activation
 traffic of one form against the weight-sized work of the other).
 ``benchmarks/krona_wed_forward.py`` measured, on one core of the development CPU (forward +
-backward, factored / materialized): tiny base 32–64 wide, 256–1024 tokens: 2.5–4.6 (slower);
-SD 320 self-attention at 1024/4096 tokens: 1.30/1.34; SD 640 at 256/1024 tokens: 0.87/1.14;
-SD 1280 at 64/256 tokens: 0.41/0.62; cross-attention K/V (77 text tokens, input 768) at
-320/640/1280: 0.75/0.63/0.54. Neither form wins everywhere, so the default ``"auto"`` picks
-per call: factored when tokens · (in + out) ≤ out · in, materialised otherwise. On the tiny
-base that is always the materialised form; on SD at batch 1 it is factored for the text K/V
-layers, the 1280-wide blocks and the 640-wide blocks at 256 px.
+backward, factored / materialized): tiny base 32–64 wide, 256–1024 tokens: 2.4–3.2 (slower);
+SD 320 self-attention at 1024/4096 tokens: 1.22/1.43; SD 640 at 256/1024 tokens: 0.94/1.14;
+SD 1280 at 64/256 tokens: 0.41/0.59; cross-attention K/V (77 text tokens, input 768) at
+320/640/1280: 0.74/0.58/0.50. Neither form wins everywhere, so the default ``"auto"`` picks
+per call: factored when tokens · (in + out) ≤ out · in, materialised otherwise; it picked the
+faster form in all twelve measured cases. On the tiny base that is always the materialised
+form; on SD at batch 1 it is factored for the text K/V layers, the 1280-wide blocks and the
+640-wide blocks at 256 px. In whole training steps (``benchmarks/train_step.py``) forcing the
+factored form was 1.25× slower than "auto", on the tiny UNet and on SD-sized attention.
 
 Example::
 
