@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -30,13 +31,13 @@ def cache_root() -> Path:
     return Path(os.environ.get("CONCEPTFLOW_CACHE", Path.home() / ".cache" / "conceptflow"))
 
 
-def _tiny_text_config(hidden: int = 32) -> dict:
+def _tiny_text_config(hidden: int = 32, layers: int = 2, intermediate: int = 37, heads: int = 4) -> dict:
     return dict(
         vocab_size=49408,
         hidden_size=hidden,
-        intermediate_size=37,
-        num_hidden_layers=2,
-        num_attention_heads=4,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
         max_position_embeddings=77,
         projection_dim=hidden,
         bos_token_id=49406,
@@ -45,47 +46,62 @@ def _tiny_text_config(hidden: int = 32) -> dict:
     )
 
 
-def build_tiny_sd(folder: Path) -> None:
-    """An SD-1.x-architecture pipeline: 64 px images, x4 VAE (16x16 latents), 2-level UNet.
+@dataclass(frozen=True)
+class TinySDSize:
+    """Sizes of the tiny SD-1.x architecture; the defaults are ``embedded:tiny-sd``'s.
 
-    Cross-attention sits in both down blocks, the mid block and both up blocks, so the
-    layer-wise token embeddings, attention hooks and the mid/early-decoder edits of the
-    samplers all have somewhere to act (7 cross-attention layers; SD 1.5 has 16).
+    The toy base (``conceptflow.toy.pretrain``) uses the same builder with its own sizes.
     """
+
+    unet_channels: tuple[int, ...] = (32, 64)
+    unet_layers_per_block: int = 1
+    unet_attention_heads: int = 8  # diffusers' ``attention_head_dim`` is the number of heads
+    text_hidden: int = 32
+    text_layers: int = 2
+    text_intermediate: int = 37
+    text_heads: int = 4
+    vae_channels: tuple[int, ...] = (16, 32, 32)  # 3 levels: x4 down, 64 px -> 16x16 latents
+    image_size: int = 64
+
+
+def build_tiny_sd_pipeline(tokenizer, size: TinySDSize = TinySDSize()):
+    """An untrained (seeded) tiny SD-1.x ``StableDiffusionPipeline`` of the given sizes."""
     from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(BUILD_SEED)
+    levels = len(size.unet_channels)
+    vae_downsampling = 2 ** (len(size.vae_channels) - 1)
     unet = UNet2DConditionModel(
-        sample_size=16,
+        sample_size=size.image_size // vae_downsampling,
         in_channels=4,
         out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=8,
+        block_out_channels=size.unet_channels,
+        layers_per_block=size.unet_layers_per_block,
+        down_block_types=("CrossAttnDownBlock2D",) * levels,
+        up_block_types=("CrossAttnUpBlock2D",) * levels,
+        cross_attention_dim=size.text_hidden,
+        attention_head_dim=size.unet_attention_heads,
         norm_num_groups=8,
     )
     vae = AutoencoderKL(
         in_channels=3,
         out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(16, 32, 32),
+        down_block_types=("DownEncoderBlock2D",) * len(size.vae_channels),
+        up_block_types=("UpDecoderBlock2D",) * len(size.vae_channels),
+        block_out_channels=size.vae_channels,
         latent_channels=4,
         layers_per_block=1,
         norm_num_groups=8,
-        sample_size=64,
+        sample_size=size.image_size,
     )
-    text_encoder = CLIPTextModel(CLIPTextConfig(**_tiny_text_config()))
-    tokenizer = build_clip_tokenizer(folder / "tokenizer_build")
+    text_encoder = CLIPTextModel(CLIPTextConfig(**_tiny_text_config(
+        size.text_hidden, size.text_layers, size.text_intermediate, size.text_heads)))
     scheduler = DPMSolverMultistepScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
         steps_offset=1,
     )
-    pipeline = StableDiffusionPipeline(
+    return StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
@@ -95,6 +111,17 @@ def build_tiny_sd(folder: Path) -> None:
         feature_extractor=None,
         requires_safety_checker=False,
     )
+
+
+def build_tiny_sd(folder: Path, size: TinySDSize = TinySDSize()) -> None:
+    """An SD-1.x-architecture pipeline: 64 px images, x4 VAE (16x16 latents), 2-level UNet.
+
+    Cross-attention sits in both down blocks, the mid block and both up blocks, so the
+    layer-wise token embeddings, attention hooks and the mid/early-decoder edits of the
+    samplers all have somewhere to act (7 cross-attention layers; SD 1.5 has 16).
+    """
+    tokenizer = build_clip_tokenizer(folder / "tokenizer_build")
+    pipeline = build_tiny_sd_pipeline(tokenizer, size)
     pipeline.save_pretrained(folder, safe_serialization=True)
     shutil.rmtree(folder / "tokenizer_build")
 
