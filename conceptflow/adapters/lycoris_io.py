@@ -153,3 +153,20 @@ def _krona_tensors(group: Mapping[str, torch.Tensor], where: str) -> tuple[torch
             f"{where}: dora_scale of shape {tuple(dora_scale.shape)} holds column norms (LyCORIS "
             "wd_on_output=False); KronA-WED normalises output rows, re-train with wd_on_output=True.")
     return kron_a.float(), kron_b.float(), dora_scale.float().reshape(-1)
+
+
+def export_concept_folder(concept_folder: Path, path: Path) -> Path:
+    """Export a trained ConceptFlow-S concept folder's KronA-WED tensors as a LyCORIS file.
+
+    Only the UNet adapter goes into the file (LyCORIS has no slot for the layer-wise token
+    embeddings or the image adapter); load the embeddings from ``adapter.safetensors``.
+    """
+    from conceptflow.adapters.concept_io import read_adapter, split_prefix
+
+    tensors, meta = read_adapter(Path(concept_folder))
+    if meta.get("method") != "conceptflow_s":
+        raise ConceptflowError(
+            f"{concept_folder} was trained with method {meta.get('method')!r}; only conceptflow_s (KronA-WED) "
+            "concepts export to LyCORIS LoKr files"
+        )
+    return export_lycoris(split_prefix(tensors, "unet."), Path(path))
