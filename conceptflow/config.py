@@ -136,8 +136,8 @@ class ConceptFlowMConfig(StrictModel):
         0.5, gt=0, lt=1, description="a position belongs to concept k's mask M_k where its min-max-normalised "
         "cross-attention map exceeds this (the paper gives no value; masks are made disjoint)")
     reference_seed: int | None = Field(
-        None, description="noise seed of the reference branches; None: each image's own seed (one reference "
-        "per concept and seed, shared by the images of a batch); an int: one reference per concept for all images")
+        0, description="noise seed of every reference branch: one reference trajectory per concept, shared by "
+        "all images of a batch; None: each image's own seed (one reference per concept and seed)")
     layout_guidance: bool = Field(True, description="layout-consistency guidance (Eq. 10-11)")
     layout_threshold: float = Field(0.55, description="tau of the map refinement (A.2.2)")
     layout_adjustment: float = Field(0.5, description="lambda of the map refinement (A.2.2)")

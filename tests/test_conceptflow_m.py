@@ -208,7 +208,8 @@ def test_sama_with_the_reference_prompt_as_target_changes_nothing(concept_pipeli
     """Target = reference (same prompt and seed): identity correspondence, so Eq. 8 gives V^trg."""
     requests = [SampleRequest("a photo of a <dog>", 11)]
     with_sama = ConceptFlowMBatch(concept_pipeline, requests, CONCEPTS, 64,
-                                  settings(6, layout_guidance=False, sama_start_step=2), want_maps=False)
+                                  settings(6, layout_guidance=False, sama_start_step=2, reference_seed=None),
+                                  want_maps=False)
     applied = []
     original = with_sama.sama.edit_value
 

@@ -13,8 +13,10 @@ additions that plug in through the project's attention hooks and the per-step ``
 With both off and no attention maps asked for, no hook and no guide is installed and the
 images are ``sample_images``' bit for bit. A reference trajectory depends only on its concept,
 its seed and the step (nothing flows back from the targets), so the batch holds one reference
-per distinct (concept, seed), shared by every target that needs it; requests are grouped by
-seed into batches so that sharing is as large as the batch allows.
+per distinct (concept, seed), shared by every target that needs it: by default all references
+start from one seed (``reference_seed``), so a batch carries one reference per concept; with
+``reference_seed: null`` each image's own seed is used and requests are grouped by seed into
+batches so that sharing is as large as the batch allows.
 """
 
 from __future__ import annotations
