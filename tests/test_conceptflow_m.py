@@ -16,7 +16,7 @@ from conceptflow.sample.conceptflow_m import (
     sample_conceptflow_m,
     sample_conceptflow_m_with_maps,
 )
-from conceptflow.sample.fused import SampleRequest, sample_images
+from conceptflow.sample.fused import SampleRequest, decode_images, sample_images
 from conceptflow.sample.layout_guidance import (
     LayoutGuidance,
     layout_layer_names,
@@ -230,14 +230,21 @@ def test_full_sampler_on_tiny_base(concept_pipeline):
     requests = [SampleRequest("a <dog> and a <cat>", 0), SampleRequest("a <dog> on the beach", 1),
                 SampleRequest("a <cat> next to a <dog>", 0)]
     result = sample_conceptflow_m_with_maps(concept_pipeline, requests, CONCEPTS, 64,
-                                            settings(6, sama_start_step=3))
+                                            settings(5, sama_start_step=3))
     assert [image.size for image in result.images] == [(64, 64)] * 3
     assert [sorted(maps) for maps in result.attention_maps] == [["cat", "dog"], ["dog"], ["cat", "dog"]]
     for maps in result.attention_maps:
         for array in maps.values():
             assert array.shape == (16, 16) and array.min() == 0.0 and array.max() == pytest.approx(1.0)
-    plain = sample_images(concept_pipeline, requests, CONCEPTS, 64, steps=6)
+    plain_latents = ConceptFlowMBatch(concept_pipeline, requests, CONCEPTS, 64,
+                                      settings(5, sama=False, layout_guidance=False), want_maps=False).run()
+    plain = decode_images(concept_pipeline, plain_latents)
     assert any(not np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(result.images, plain))
+    # each component alone changes the targets (SAMA's references differ from them)
+    for sama, layout_guidance in [(True, False), (False, True)]:
+        latents = ConceptFlowMBatch(concept_pipeline, requests, CONCEPTS, 64,
+                                    settings(5, sama, layout_guidance, sama_start_step=3), want_maps=False).run()
+        assert (latents - plain_latents).abs().amax() > 1e-3
 
 
 def test_conceptflow_m_defaults_follow_the_paper():
