@@ -24,7 +24,7 @@ from PIL import Image
 
 from conceptflow.data.masks.base import MaskBackend, as_rgb_array, check_mask
 from conceptflow.errors import ModelUnavailableError
-from conceptflow.models.loading import model_fingerprint, resolve_model_source
+from conceptflow.models.loading import LOADING_LOCK, model_fingerprint, resolve_model_source
 
 RMBG_INPUT_SIZE = (1024, 1024)
 RMBG_MEAN, RMBG_STD = 0.5, 1.0
