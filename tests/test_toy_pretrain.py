@@ -1,0 +1,112 @@
+"""Toy-base pretraining at smoke scale: losses that learn, a loadable diffusers folder, resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conceptflow.models.loading import load_base_pipeline
+from conceptflow.toy.pretrain import (
+    PretrainConfig,
+    build_toy_pipeline,
+    denoising_loss,
+    pretrain_toy_base,
+    scene_batch,
+    vae_loss,
+)
+
+SMOKE = PretrainConfig(vae_steps=3, vae_batch_size=2, latent_scenes=8, unet_steps=3, batch_size=2,
+                       warmup_steps=1, checkpoint_every=2)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Two torch threads on this shared 2-core CPU are ~10x slower than one under contention."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def toy_pipeline(tmp_path_factory):
+    return build_toy_pipeline(tmp_path_factory.mktemp("toy"))
+
+
+def test_batches_are_a_function_of_seed_stage_and_step():
+    first_pixels, first_captions = scene_batch(SMOKE, 1, 5, 3)
+    again_pixels, again_captions = scene_batch(SMOKE, 1, 5, 3)
+    other_pixels, _ = scene_batch(SMOKE, 1, 6, 3)
+    assert torch.equal(first_pixels, again_pixels) and first_captions == again_captions
+    assert not torch.equal(first_pixels, other_pixels)
+    assert first_pixels.shape == (3, 3, 64, 64) and -1 <= first_pixels.min() and first_pixels.max() <= 1
+
+
+def _fit(parameters, loss_fn, steps: int, lr: float) -> tuple[float, float]:
+    optimizer = torch.optim.Adam(parameters, lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = loss_fn()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses[0], losses[-1]
+
+
+def test_vae_loss_decreases_on_a_fixed_batch(toy_pipeline):
+    torch.manual_seed(0)
+    pixels, _ = scene_batch(SMOKE, 1, 0, 2)
+    first, last = _fit(toy_pipeline.vae.parameters(),
+                       lambda: vae_loss(toy_pipeline.vae, pixels, 1e-6, torch.Generator().manual_seed(0)),
+                       steps=12, lr=2e-3)
+    assert last < 0.7 * first
+
+
+def test_denoising_loss_decreases_on_a_fixed_batch(toy_pipeline):
+    from diffusers import DDPMScheduler
+
+    torch.manual_seed(0)
+    latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(1))
+    captions = ["a red star on the left", "a blue circle"]
+    scheduler = DDPMScheduler.from_config(toy_pipeline.scheduler.config)
+    parameters = [*toy_pipeline.unet.parameters(), *toy_pipeline.text_encoder.parameters()]
+    first, last = _fit(parameters, lambda: denoising_loss(
+        toy_pipeline.unet, toy_pipeline.text_encoder, toy_pipeline.tokenizer, scheduler, latents, captions,
+        torch.Generator().manual_seed(2), min_snr_gamma=5.0), steps=12, lr=2e-3)
+    assert last < 0.7 * first
+
+
+def test_text_encoder_gets_gradients_from_the_denoising_loss(toy_pipeline):
+    from diffusers import DDPMScheduler
+
+    toy_pipeline.text_encoder.zero_grad()
+    scheduler = DDPMScheduler.from_config(toy_pipeline.scheduler.config)
+    loss = denoising_loss(toy_pipeline.unet, toy_pipeline.text_encoder, toy_pipeline.tokenizer, scheduler,
+                          torch.randn(1, 4, 16, 16), ["a red star"], torch.Generator().manual_seed(0))
+    loss.backward()
+    star = toy_pipeline.tokenizer("star", add_special_tokens=False).input_ids[0]
+    embedding_grad = toy_pipeline.text_encoder.get_input_embeddings().weight.grad
+    assert embedding_grad[star].abs().sum() > 0
+    assert embedding_grad[toy_pipeline.tokenizer("dog", add_special_tokens=False).input_ids[0]].abs().sum() == 0
+
+
+def test_pretrain_saves_a_loadable_pipeline_with_a_card_and_resumes(tmp_path):
+    result = pretrain_toy_base(tmp_path / "toy", minutes=None, config=SMOKE, progress=False)
+    assert result.complete and result.unet_steps_done == 3
+    pipeline = load_base_pipeline(str(tmp_path / "toy"))
+    assert pipeline.unet.config.attention_head_dim == 2
+    assert pipeline.vae.config.scaling_factor != pytest.approx(0.18215)  # measured, not SD's
+    image = pipeline("a red star", num_inference_steps=2, output_type="np",
+                     generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.shape == (64, 64, 3)
+    card = (tmp_path / "toy" / "README.md").read_text()
+    assert "complete" in card and "MB of safetensors" in card
+
+    longer = PretrainConfig(**{**SMOKE.__dict__, "unet_steps": 5})
+    resumed = pretrain_toy_base(tmp_path / "toy", minutes=None, config=longer, progress=False)
+    assert resumed.vae_steps_done == 3 and resumed.unet_steps_done == 5
+    sessions = json.loads((tmp_path / "toy" / "pretrain_sessions.json").read_text())
+    assert [s["unet_steps_done"] for s in sessions] == [3, 5]
