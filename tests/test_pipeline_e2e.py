@@ -37,7 +37,7 @@ def project(tmp_path_factory) -> Path:
     for concept in catalog["concepts"].values():
         concept["train"]["steps"] = 6
         concept["train"]["checkpoint_every"] = 3
-    catalog["generate"]["steps"] = 4
+    catalog["generate"]["steps"] = 6  # SAMA starts at step 4
     (project / "catalog.yaml").write_text(yaml.safe_dump(catalog, sort_keys=False))
     for command in (["init", "-q"], ["add", "-A"], ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "catalog"]):
         subprocess.run(["git", *command], cwd=project, check=True)
@@ -55,11 +55,17 @@ def test_run_leaves_images_report_and_clean_dvc(project, first_run):
     assert "train:dog" in summary["ran"] and "generate:dog+cat" in summary["ran"]
     listing = json.loads((project / "data/generated/dog+cat/images.json").read_text())["images"]
     assert len(listing) == 4  # 2 prompts x 2 seeds
+    assert json.loads((project / "data/generated/dog+cat/images.json").read_text())["sampler"] == "conceptflow_m"
     for row in listing:
-        with Image.open(project / "data/generated/dog+cat" / row["file"]) as image:
-            assert image.size == (64, 64)
+        for file in (row["file"], row["plain_file"], *row["attention"].values()):
+            with Image.open(project / "data/generated/dog+cat" / file) as image:
+                assert image.size == (64, 64)
+        assert set(row["attention"]) == {"dog", "cat"}
     report = (project / "data/report/index.html").read_text()
-    assert report.count("<img") >= 4 + 10 + 10  # generated, photos, masks
+    assert report.count("<img") >= 4 * 4 + 10 + 10  # (ConceptFlow-M, plain, 2 maps) per image, photos, masks
+    assert "plain fused" in report and "&lt;cat&gt; attention" in report
+    metrics = json.loads((project / "data/metrics/dog+cat/metrics.json").read_text())
+    assert set(metrics["plain"]) >= {"clip_t", "dino"} and metrics["overall"]["dino"] is not None
     assert "a &lt;dog&gt; and a &lt;cat&gt; on the grass" in report
     status = subprocess.run([sys.executable, "-m", "dvc", "status", "--json"], cwd=project, capture_output=True,
                             text=True, check=True)
@@ -67,10 +73,20 @@ def test_run_leaves_images_report_and_clean_dvc(project, first_run):
     assert any((project / ".dvc-remote").rglob("*")), "dvc push sent nothing to the local remote"
 
 
+def test_conceptflow_s_concept_exports_to_lycoris(project, first_run):
+    from safetensors.torch import load_file
+
+    run_cli(project, "export-lycoris", "data/adapters/cat", "cat_lokr.safetensors")
+    keys = load_file(str(project / "cat_lokr.safetensors")).keys()
+    assert {key.rsplit(".", 1)[1] for key in keys} == {"lokr_w1", "lokr_w2", "alpha", "dora_scale"}
+    assert len(keys) == 4 * 56  # every linear of every UNet attention module of the tiny base
+
+
 def test_registry_holds_versions_with_lineage(project, first_run):
     from conceptflow.registry import lookup
 
     uri = f"sqlite:///{project / 'mlruns.db'}"
+    catalog = yaml.safe_load((project / "catalog.yaml").read_text())
     lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=project, capture_output=True, text=True).stdout.strip()
     for name in ("dog", "cat"):
@@ -81,7 +97,7 @@ def test_registry_holds_versions_with_lineage(project, first_run):
         assert tags["dvc.adapter.md5"] == lock[f"train@{name}"]["outs"][0]["md5"]
         assert tags["git_revision"].startswith(head)
         assert tags["base_model"] == "embedded:tiny-sd" and len(tags["base_model_hash"]) == 32
-        assert tags["config_hash"] and tags["method"] == "edlora"
+        assert tags["config_hash"] and tags["method"] == catalog["concepts"][name]["train"]["method"]
     combo = lookup(uri, "combo.dog+cat", "champion")
     assert combo["tags"]["dvc.fused.md5"] == lock["fuse@dog+cat"]["outs"][0]["md5"]
     assert combo["tags"]["concept.dog.version"] == "1"

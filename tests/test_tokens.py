@@ -41,6 +41,8 @@ def test_one_batched_call_gives_each_layer_its_tokens(tiny_pipeline):
     torch.testing.assert_close(encoded[1, 2], layer2[0])
     assert not torch.allclose(encoded[0, 0], encoded[0, 1])
     assert token_positions("a photo of a <dog>", tokenizer, "dog", 0) == [5, 6]
+    add_concept_tokens(tokenizer, text_encoder, "cat", n_layers)
+    assert token_positions("a <cat> and a <dog>", tokenizer, "dog", 2) == [6, 7]
 
 
 def test_concept_embeddings_train_only_new_rows(tiny_pipeline):

@@ -143,7 +143,8 @@ def encode_layerwise(prompts: Sequence[str], tokenizer, text_encoder, n_layers: 
 
 def token_positions(prompt: str, tokenizer, concept_name: str, layer: int = 0) -> list[int]:
     """Positions (in the padded token sequence) of a concept's two tokens in ``prompt``."""
-    ids = tokenizer(expand_prompt(prompt, layer, [concept_name]) if CONCEPT_REFERENCE.search(prompt) else prompt,
+    referenced = CONCEPT_REFERENCE.findall(prompt)
+    ids = tokenizer(expand_prompt(prompt, layer, referenced) if referenced else prompt,
                     padding="max_length", max_length=tokenizer.model_max_length, truncation=True).input_ids
     wanted = set(tokenizer.convert_tokens_to_ids([layer_token(concept_name, 1, layer), layer_token(concept_name, 2, layer)]))
     return [i for i, token_id in enumerate(ids) if token_id in wanted]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from conceptflow.adapters.merge import apply_concepts, load_concept
-from conceptflow.config import Catalog, config_hash
+from conceptflow.config import Catalog, GenerateConfig, config_hash
 from conceptflow.fileio import write_json_atomic
 from conceptflow.layout import Layout
 from conceptflow.models.loading import load_base_pipeline
@@ -15,7 +15,8 @@ from conceptflow.stages.base import require_manifest, run_stage
 def generate(catalog: Catalog, combination_name: str, sampler: str | None = None, force: bool = False):
     combination = catalog.combination(combination_name)
     layout = Layout(catalog)
-    settings = catalog.generate if sampler is None else catalog.generate.model_copy(update={"sampler": sampler})
+    settings = catalog.generate if sampler is None else GenerateConfig.model_validate(
+        {**catalog.generate.model_dump(exclude_unset=True), "sampler": sampler})  # re-run defaults (steps)
     fused = require_manifest(layout.fused(combination_name), "fused model", f"fuse --combination {combination_name}")
     requests = [SampleRequest(prompt, seed) for prompt in combination.prompts for seed in combination.seeds]
 
