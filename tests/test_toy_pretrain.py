@@ -10,6 +10,7 @@ import torch
 from conceptflow.models.loading import load_base_pipeline
 from conceptflow.toy.pretrain import (
     PretrainConfig,
+    add_measurements_to_card,
     build_toy_pipeline,
     denoising_loss,
     pretrain_toy_base,
@@ -110,3 +111,8 @@ def test_pretrain_saves_a_loadable_pipeline_with_a_card_and_resumes(tmp_path):
     assert resumed.vae_steps_done == 3 and resumed.unet_steps_done == 5
     sessions = json.loads((tmp_path / "toy" / "pretrain_sessions.json").read_text())
     assert [s["unet_steps_done"] for s in sessions] == [3, 5]
+
+    add_measurements_to_card(tmp_path / "toy", {"single_object_accuracy": 0.5})
+    add_measurements_to_card(tmp_path / "toy", {"single_object_accuracy": 0.9})
+    card = (tmp_path / "toy" / "README.md").read_text()
+    assert card.count("## Measured") == 1 and "single_object_accuracy: 0.9" in card and "## How it was made" in card

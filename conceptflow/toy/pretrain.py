@@ -341,8 +341,7 @@ def _weights_megabytes(folder: Path) -> float:
     return sum(p.stat().st_size for p in folder.rglob("*.safetensors") if CHECKPOINT_DIR not in p.parts) / 1e6
 
 
-def write_model_card(out_dir: Path, config: PretrainConfig, result: PretrainResult, sessions: list[dict],
-                     measured: dict | None = None) -> Path:
+def write_model_card(out_dir: Path, config: PretrainConfig, result: PretrainResult, sessions: list[dict]) -> Path:
     """README.md beside the weights: what the model is, how it was trained, how long it took."""
     total_minutes = sum(s["seconds"] for s in sessions) / 60
     status = "complete" if result.complete else "INCOMPLETE (resume with the same command)"
@@ -374,12 +373,23 @@ def write_model_card(out_dir: Path, config: PretrainConfig, result: PretrainResu
         f"{config.unconditional_probability:.0%} empty; final loss (mean of last 50 steps) "
         f"{result.final_denoising_loss}.",
         f"- Sizes: {json.dumps(asdict(config.size))}.",
-        f"- Weights: {_weights_megabytes(out_dir):.1f} MB of safetensors (float32).",
+        f"- Weights: {_weights_megabytes(out_dir):.1f} MB of safetensors (float32), evaluators included.",
     ]
-    if measured:
-        lines += ["", "## Measured (benchmarks/toy_quality.py)", ""]
-        lines += [f"- {name}: {value}" for name, value in measured.items()]
+    if (out_dir / "evaluators").is_dir():
+        lines += ["", "## Evaluators", "",
+                  "`evaluators/recogniser` (shape/colour pairs, shapes, object count) and `evaluators/identity`",
+                  "(contrastive instance embedding): small CNNs trained on the generator's ground truth by",
+                  "`conceptflow.toy.evaluators`; load with `ToyRecogniser(folder)` / `ToyIdentityEncoder(folder)`."]
     path = out_dir / "README.md"
     path.write_text("\n".join(lines) + "\n")
     (out_dir / "pretrain_config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
+    return path
+
+
+def add_measurements_to_card(out_dir: str | Path, measured: dict[str, object]) -> Path:
+    """Append (or replace) the card's "Measured" section, e.g. with benchmarks/toy_quality.py figures."""
+    path = Path(out_dir) / "README.md"
+    text = path.read_text().split("\n## Measured")[0].rstrip("\n")
+    lines = ["", "", "## Measured (benchmarks/toy_quality.py)", ""] + [f"- {k}: {v}" for k, v in measured.items()]
+    path.write_text(text + "\n".join(lines) + "\n")
     return path
