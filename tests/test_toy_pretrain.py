@@ -18,7 +18,7 @@ from conceptflow.toy.pretrain import (
     vae_loss,
 )
 
-SMOKE = PretrainConfig(vae_steps=3, vae_batch_size=2, latent_scenes=8, unet_steps=3, batch_size=2,
+SMOKE = PretrainConfig(vae_steps=3, vae_foreground_start=1, vae_batch_size=2, latent_scenes=8, unet_steps=3, batch_size=2,
                        warmup_steps=1, checkpoint_every=2)
 
 
