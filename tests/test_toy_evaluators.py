@@ -100,7 +100,8 @@ def test_text_embedding_matches_the_recognised_pairs():
 
 
 def test_recogniser_targets_follow_the_scene():
-    pixels, pairs, pair_mask, shapes, counts = recogniser_batch(np.random.default_rng(0), 16)
+    pixels, pairs, pair_mask, shapes, colours, counts = recogniser_batch(np.random.default_rng(0), 16)
+    assert torch.equal(colours.sum(-1) > 0, pairs.sum(-1) > 0)
     assert pixels.shape == (16, 3, 64, 64)
     assert torch.all(shapes.sum(-1) <= counts) and torch.all(pairs.sum(-1) <= counts)
     assert torch.all(pairs.sum(-1)[pair_mask == 1] >= 1 * (counts[pair_mask == 1] > 0))

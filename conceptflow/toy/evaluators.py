@@ -73,11 +73,12 @@ class RecogniserNet(nn.Module):
         self.trunk = ConvTrunk(width, features)
         self.pairs = nn.Linear(features, len(PAIRS))
         self.shapes = nn.Linear(features, len(SHAPES))
+        self.colours = nn.Linear(features, len(COLOUR_NAMES))
         self.count = nn.Linear(features, MAX_OBJECTS + 1)
 
     def forward(self, pixels):
         features = self.trunk(pixels)
-        return self.pairs(features), self.shapes(features), self.count(features)
+        return self.pairs(features), self.shapes(features), self.colours(features), self.count(features)
 
 
 class IdentityNet(nn.Module):
@@ -147,7 +148,7 @@ class ToyRecogniser:
 
     @torch.no_grad()
     def recognise(self, images: Sequence[Image.Image]) -> Recognition:
-        pairs, shapes, counts = self.net(_pixels(images).to(self.device))
+        pairs, shapes, _, counts = self.net(_pixels(images).to(self.device))
         return Recognition(torch.sigmoid(pairs).cpu(), torch.sigmoid(shapes).cpu(), counts.argmax(-1).cpu())
 
     def embed_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
@@ -249,8 +250,9 @@ def _exotic_scene(rng: np.random.Generator) -> Scene:
 
 
 def recogniser_batch(rng: np.random.Generator, batch_size: int):
-    """(pixels, pair targets, pair-loss mask, shape targets, counts) from fresh scenes."""
-    images, pairs, pair_mask, shapes, counts = [], [], [], [], []
+    """(pixels, pair targets, colour-label mask, shape targets, colour targets, counts) from fresh
+    scenes; scenes with unnamed instances have no pair or colour labels (mask 0)."""
+    images, pairs, pair_mask, shapes, colours, counts = [], [], [], [], [], []
     for _ in range(batch_size):
         draw = rng.random()
         if draw < 0.05:
@@ -260,17 +262,19 @@ def recogniser_batch(rng: np.random.Generator, batch_size: int):
         else:
             scene = sample_scene(rng)
         images.append(augment(render(scene).image, rng))
-        pair_row, shape_row = torch.zeros(len(PAIRS)), torch.zeros(len(SHAPES))
+        pair_row, shape_row, colour_row = torch.zeros(len(PAIRS)), torch.zeros(len(SHAPES)), torch.zeros(len(COLOURS))
         exotic = any(o.colour is None for o in scene.objects)
         for obj in scene.objects:
             shape_row[SHAPES.index(obj.shape)] = 1
             if obj.colour is not None:
                 pair_row[PAIRS.index((obj.shape, obj.colour))] = 1
+                colour_row[COLOUR_NAMES.index(obj.colour)] = 1
         pairs.append(pair_row)
+        colours.append(colour_row)
         pair_mask.append(0.0 if exotic else 1.0)
         shapes.append(shape_row)
         counts.append(len(scene.objects))
-    return (_pixels(images), torch.stack(pairs), torch.tensor(pair_mask), torch.stack(shapes),
+    return (_pixels(images), torch.stack(pairs), torch.tensor(pair_mask), torch.stack(shapes), torch.stack(colours),
             torch.tensor(counts))
 
 
@@ -339,14 +343,19 @@ def train_recogniser(folder: str | Path, steps: int = 1500, batch_size: int = 48
     torch.manual_seed(seed)
     net = RecogniserNet(width)
 
+    def multi_label(logits, targets, mask=None):
+        # summed over labels: a mean over 64 mostly-absent pairs starves the few present ones
+        per_image = F.binary_cross_entropy_with_logits(logits, targets, reduction="none").sum(-1)
+        if mask is None:
+            return per_image.mean()
+        return (per_image * mask).sum() / mask.sum().clamp(min=1)
+
     def loss_fn(step: int) -> torch.Tensor:
-        pixels, pairs, pair_mask, shapes, counts = recogniser_batch(np.random.default_rng([seed, 10, step]),
-                                                                    batch_size)
-        pair_logits, shape_logits, count_logits = net(pixels)
-        pair_loss = (F.binary_cross_entropy_with_logits(pair_logits, pairs, reduction="none").mean(-1)
-                     * pair_mask).sum() / pair_mask.sum().clamp(min=1)
-        return pair_loss + F.binary_cross_entropy_with_logits(shape_logits, shapes) + F.cross_entropy(count_logits,
-                                                                                                        counts)
+        pixels, pairs, label_mask, shapes, colours, counts = recogniser_batch(
+            np.random.default_rng([seed, 10, step]), batch_size)
+        pair_logits, shape_logits, colour_logits, count_logits = net(pixels)
+        return (multi_label(pair_logits, pairs, label_mask) + multi_label(colour_logits, colours, label_mask)
+                + multi_label(shape_logits, shapes) + F.cross_entropy(count_logits, counts))
 
     losses = _train(net, loss_fn, steps, lr, progress, "toy recogniser", minutes)
     _save(net, Path(folder), {"kind": "toy-recogniser", "width": width, "features": 256, "shapes": SHAPES,
