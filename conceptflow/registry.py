@@ -28,13 +28,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Mapping
@@ -49,6 +46,7 @@ from mlflow.exceptions import MlflowException  # noqa: E402
 
 from conceptflow.errors import ConceptflowError, ModelUnavailableError  # noqa: E402
 from conceptflow.fileio import atomic_directory, content_md5  # noqa: E402
+from conceptflow.services import free_port, local_service  # noqa: E402
 
 STAGES = ("ingest", "mask", "train", "fuse", "generate", "evaluate", "report")
 CHAMPION = "champion"
@@ -386,20 +384,6 @@ def download(store: str | MlflowClient, model_name: str, alias: str | None, dst:
 # ---------------------------------------------------------------- server
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def _healthy(uri: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
-            return response.status == 200
-    except OSError:
-        return False
-
-
 @contextmanager
 def start_mlflow_server(backend_store_uri: str, artifacts_dir: Path, port: int | None = None,
                         timeout_s: float = 180.0) -> Iterator[tuple[subprocess.Popen, str]]:
@@ -409,7 +393,7 @@ def start_mlflow_server(backend_store_uri: str, artifacts_dir: Path, port: int |
     in ``artifacts_dir``. The first start on an empty database also runs MLflow's migrations
     (tens of seconds on PostgreSQL); later starts take ~7-10 s.
     """
-    port = port or _free_port()
+    port = port or free_port()
     uri = f"http://127.0.0.1:{port}"
     artifacts_dir = Path(artifacts_dir)
     artifacts_dir.mkdir(parents=True, exist_ok=True)
@@ -418,30 +402,5 @@ def start_mlflow_server(backend_store_uri: str, artifacts_dir: Path, port: int |
                "--backend-store-uri", normalise_database_uri(backend_store_uri),
                "--artifacts-destination", str(artifacts_dir.resolve()),
                "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
-    log = tempfile.NamedTemporaryFile(prefix="mlflow-server-", suffix=".log", delete=False)
-    # Its own process group: `mlflow server` starts uvicorn as a child, and both must stop.
-    process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + timeout_s
-        while not _healthy(uri):
-            if process.poll() is not None or time.monotonic() > deadline:
-                tail = Path(log.name).read_text(errors="replace")[-3000:]
-                raise RegistryError(f"mlflow server for {backend_store_uri} did not become healthy "
-                                    f"(exit code {process.poll()}); its log {log.name} ends:\n{tail}")
-            time.sleep(0.25)
+    with local_service("mlflow server", command, f"{uri}/health", env, timeout_s) as process:
         yield process, uri
-    finally:
-        _stop(process)
-        log.close()
-    Path(log.name).unlink(missing_ok=True)  # kept only when the server failed (the error names it)
-
-
-def _stop(process: subprocess.Popen) -> None:
-    if process.poll() is not None:
-        return
-    os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=10)
