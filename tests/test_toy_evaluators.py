@@ -127,6 +127,19 @@ def test_save_load_round_trip_and_small_training(tmp_path, tiny_recogniser):
     assert len(losses) == 2
 
 
+def test_toy_encoders_plug_into_the_pipeline_metrics(tmp_path, tiny_recogniser):
+    from conceptflow.metrics.evaluate import evaluate_images
+    from conceptflow.toy.evaluators import toy_metric_encoders
+
+    train_identity_encoder(tmp_path / "identity", steps=1, instances=4, width=8, progress=False)
+    (tmp_path / "recogniser").symlink_to(tiny_recogniser.model_id)
+    encoders = toy_metric_encoders(tmp_path)
+    views = [v.image for v in render_concept_images(TOY_CONCEPTS["zigzag_star"], 4)]
+    result = evaluate_images([(views[0], "a <zigzag_star>"), (views[1], "a <zigzag_star> on sand")],
+                             {"zigzag_star": views[2:]}, {"zigzag_star": "star"}, encoders=encoders)
+    assert -1 <= result["overall"]["clip_t"] <= 1 and -1 <= result["per_concept"]["zigzag_star"]["dino"] <= 1
+
+
 @pytest.mark.skipif(not (EVALUATORS / "recogniser").is_dir(), reason="toy evaluator weights not committed")
 def test_trained_recogniser_reads_held_out_scenes():
     recogniser = ToyRecogniser(EVALUATORS / "recogniser")

@@ -382,3 +382,15 @@ def train_identity_encoder(folder: str | Path, steps: int = 1500, instances: int
                               "steps": len(losses), "instances": instances, "seed": seed,
                               "temperature": temperature, "final_loss": float(np.mean(losses[-20:]))})
     return losses
+
+
+def toy_metric_encoders(folder: str | Path, device: str = "cpu"):
+    """``MetricEncoders`` for ``conceptflow.metrics.evaluate.evaluate_images`` with the toy
+    evaluators in CLIP's and DINO's places: CLIP-T becomes prompt alignment over (shape, colour)
+    pairs, CLIP-I / DINO become instance identity. ``folder`` holds ``recogniser/`` and ``identity/``."""
+    from conceptflow.metrics.encoders import PerceptualDistance
+    from conceptflow.metrics.evaluate import MetricEncoders
+
+    folder = Path(folder)
+    return MetricEncoders(clip=ToyRecogniser(folder / "recogniser", device),
+                          dino=ToyIdentityEncoder(folder / "identity", device), lpips=PerceptualDistance(device))
