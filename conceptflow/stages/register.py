@@ -23,10 +23,14 @@ def _relative(layout: Layout, folder: Path) -> str:
     return folder.relative_to(layout.root).as_posix()
 
 
+STAGE_OF = {"images": "ingest", "masks": "mask", "adapter": "train", "fused": "fuse", "generated": "generate",
+            "metrics": "evaluate"}
+
+
 def _lineage_of(layout: Layout, locked: dict, folders: dict[str, Path]) -> dict[str, str]:
     lineage = {}
     for label, folder in folders.items():
-        manifest = require_manifest(folder, label, label)
+        manifest = require_manifest(folder, label, STAGE_OF[label])
         lineage[f"dvc.{label}.md5"] = locked.get(_relative(layout, folder), manifest.md5)
     return lineage
 
@@ -60,7 +64,7 @@ def register(catalog: Catalog) -> list[str]:
         name = concept.name
         folders = {"images": layout.images(name), "masks": layout.masks(name), "adapter": layout.adapter(name)}
         lineage = {**common, **_lineage_of(layout, locked, folders), "method": concept.train.method,
-                   "config_hash": require_manifest(folders["adapter"], "adapter", "train").config_hash}
+                   "config_hash": require_manifest(folders["adapter"], "adapter", STAGE_OF["adapter"]).config_hash}
         for label in ("images", "masks"):
             log_stage_run(uri, catalog.project, folders[label],
                           {**lineage, "artifact.md5": lineage[f"dvc.{label}.md5"]}, log_artifacts=True)
@@ -76,7 +80,7 @@ def register(catalog: Catalog) -> list[str]:
         name = combination.name
         folders = {"fused": layout.fused(name), "generated": layout.generated(name), "metrics": layout.metrics(name)}
         lineage = {**common, **_lineage_of(layout, locked, folders),
-                   "config_hash": require_manifest(folders["fused"], "fused", "fuse").config_hash,
+                   "config_hash": require_manifest(folders["fused"], "fused", STAGE_OF["fused"]).config_hash,
                    **{f"concept.{c}.version": concept_versions[c] for c in combination.concepts},
                    **{f"concept.{c}.dvc.adapter.md5": locked.get(_relative(layout, layout.adapter(c)), "")
                       for c in combination.concepts}}
