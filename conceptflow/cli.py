@@ -178,6 +178,17 @@ def schedule(catalog: Path = CatalogOption,
     serve_retraining(str(catalog.resolve()), cron, sampler)
 
 
+@app.command("pretrain-toy")
+@user_errors
+def pretrain_toy(out: Path = typer.Option(Path("assets/toy-base"), help="destination (diffusers folder + card)"),
+                 minutes: float = typer.Option(90.0, help="wall-time budget; a rerun resumes from checkpoints")):
+    """Pretrain the toy-world base and its evaluators (recogniser, identity encoder) on this CPU."""
+    from conceptflow.toy.build import build_toy_assets
+
+    result = build_toy_assets(out, minutes)
+    typer.echo(str(result))
+
+
 @app.command("export-lycoris")
 @user_errors
 def export_lycoris(adapter: Path = typer.Argument(..., help="a trained conceptflow_s concept folder"),
