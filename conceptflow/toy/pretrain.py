@@ -167,7 +167,7 @@ def _save_atomically(payload: dict, path: Path) -> None:
 
 
 def _load(path: Path) -> dict | None:
-    return torch.load(path, weights_only=False) if path.is_file() else None
+    return torch.load(path, weights_only=True) if path.is_file() else None  # tensors and plain values only
 
 
 # --- stages ---------------------------------------------------------------------------------
@@ -216,12 +216,12 @@ def train_vae(vae, config: PretrainConfig, checkpoints: Path, deadline: float, p
 def encode_scene_bank(vae, config: PretrainConfig, checkpoints: Path) -> dict:
     """Encode ``latent_scenes`` scenes once (posterior mean and std) and set the VAE's
     ``scaling_factor`` to 1 / std of the latents; cached in ``checkpoints/latents.pt``."""
+    rng = _rng(config, 2, 0)
+    scenes = [sample_scene(rng) for _ in range(config.latent_scenes)]  # seeded: rebuilt, never unpickled
     cached = _load(checkpoints / "latents.pt")
     if cached:
         vae.register_to_config(scaling_factor=cached["scaling_factor"])
-        return cached
-    rng = _rng(config, 2, 0)
-    scenes = [sample_scene(rng) for _ in range(config.latent_scenes)]
+        return {**cached, "scenes": scenes}
     means, stds = [], []
     for start in range(0, len(scenes), 64):
         pixels = to_pixels([render(s).image for s in scenes[start:start + 64]])
@@ -232,7 +232,7 @@ def encode_scene_bank(vae, config: PretrainConfig, checkpoints: Path) -> dict:
     scaling_factor = float(1.0 / (mean + std * torch.randn(mean.shape, generator=torch.Generator().manual_seed(0))).std())
     vae.register_to_config(scaling_factor=scaling_factor)
     bank = {"mean": mean, "std": std, "scenes": scenes, "scaling_factor": scaling_factor}
-    _save_atomically(bank, checkpoints / "latents.pt")
+    _save_atomically({key: value for key, value in bank.items() if key != "scenes"}, checkpoints / "latents.pt")
     return bank
 
 
