@@ -337,7 +337,7 @@ def _train(net: nn.Module, loss_fn, steps: int, lr: float, progress: bool, descr
     return losses
 
 
-def train_recogniser(folder: str | Path, steps: int = 1500, batch_size: int = 48, seed: int = 0, lr: float = 2e-3,
+def train_recogniser(folder: str | Path, steps: int = 3000, batch_size: int = 48, seed: int = 0, lr: float = 2e-3,
                      width: int = 32, progress: bool = True, minutes: float | None = None) -> list[float]:
     """Train the recogniser on fresh generator scenes; saves into ``folder``; returns losses."""
     torch.manual_seed(seed)
@@ -364,7 +364,7 @@ def train_recogniser(folder: str | Path, steps: int = 1500, batch_size: int = 48
     return losses
 
 
-def train_identity_encoder(folder: str | Path, steps: int = 1500, instances: int = 32, seed: int = 0,
+def train_identity_encoder(folder: str | Path, steps: int = 2000, instances: int = 32, seed: int = 0,
                            lr: float = 2e-3, temperature: float = 0.1, width: int = 32, dim: int = 64,
                            progress: bool = True, minutes: float | None = None) -> list[float]:
     """Train the identity encoder with symmetric InfoNCE over two views per instance."""
