@@ -173,6 +173,9 @@ class FuseConfig(StrictModel):
 class EvaluateConfig(StrictModel):
     clip_model: str = "embedded:tiny-clip"
     dino_model: str = "embedded:tiny-dino"
+    toy_evaluators: str | None = Field(
+        None, description="folder of the toy world's recogniser/ and identity/ (relative to the catalog); "
+        "when set they stand in for CLIP (prompt alignment) and DINO (identity)")
 
 
 class Catalog(StrictModel):
@@ -236,6 +239,17 @@ class Catalog(StrictModel):
             if concept.name == name:
                 return concept
         raise CatalogError(f"no concept named {name!r} in the catalog; known: {[c.name for c in self.concepts]}")
+
+    def resolve_path(self, value: str) -> str:
+        """A catalog-relative path made absolute when it exists; anything else (ids) unchanged."""
+        if ":" not in value and (self.root / value).exists():
+            return str((self.root / value).resolve())
+        return value
+
+    @property
+    def base_model_source(self) -> str:
+        """What to load: ``base_model`` with a catalog-relative folder resolved."""
+        return self.resolve_path(self.base_model)
 
     def images_dir(self, concept: Concept) -> Path:
         return concept.images if concept.images.is_absolute() else self.root / concept.images

@@ -62,3 +62,13 @@ def test_errors_name_the_file_and_field(tmp_path, text, message):
 def test_missing_catalog(tmp_path):
     with pytest.raises(CatalogError, match="--catalog"):
         load_catalog(tmp_path / "nope.yaml")
+
+
+def test_base_model_folder_resolves_against_the_catalog(tmp_path):
+    (tmp_path / "models" / "base").mkdir(parents=True)
+    for base, expected in [("models/base", str((tmp_path / "models" / "base").resolve())),
+                           ("embedded:tiny-sd", "embedded:tiny-sd"),
+                           ("runwayml/stable-diffusion-v1-5", "runwayml/stable-diffusion-v1-5")]:
+        catalog = load_catalog(write(tmp_path, f"base_model: {base}\n" + GOOD))
+        assert catalog.base_model_source == expected
+        assert catalog.base_model == base  # lineage and cache keys keep what the user wrote

@@ -33,7 +33,12 @@ def evaluate(catalog: Catalog, combination_name: str, force: bool = False):
         images = [(_open(layout.generated(combination_name) / row["file"]), row["prompt"]) for row in listing]
         reference_images = {name: [_open(p) for p in ingested_images(layout.images(name))] for name in combination.concepts}
         class_words = {name: catalog.concept(name).class_word for name in combination.concepts}
-        encoders = load_metric_encoders(catalog.evaluate, catalog.device)
+        if catalog.evaluate.toy_evaluators:
+            from conceptflow.toy.evaluators import toy_metric_encoders
+
+            encoders = toy_metric_encoders(catalog.resolve_path(catalog.evaluate.toy_evaluators), catalog.device)
+        else:
+            encoders = load_metric_encoders(catalog.evaluate, catalog.device)
         scores = evaluate_images(images, reference_images, class_words, catalog.evaluate, device=catalog.device,
                                  encoders=encoders)
         if all(row.get("plain_file") for row in listing):  # the same prompts and seeds, plain fused sampling

@@ -18,7 +18,7 @@ def fuse(catalog: Catalog, combination_name: str, force: bool = False):
     upstream = {f"adapter.{name}": manifest.md5 for name, manifest in adapters.items()}
 
     def produce(staging):
-        pipeline = load_base_pipeline(catalog.base_model, catalog.device, catalog.dtype)
+        pipeline = load_base_pipeline(catalog.base_model_source, catalog.device, catalog.dtype)
         concepts = [load_concept(layout.adapter(name), pipeline) for name in combination.concepts]
         paths = sorted({path for concept in concepts for path in concept.deltas})
         base = base_weights(pipeline, paths)
@@ -36,7 +36,7 @@ def fuse(catalog: Catalog, combination_name: str, force: bool = False):
             "adapter_scale": catalog.fuse.adapter_scale,
             "concepts": {c.meta["name"]: {"method": c.meta["method"], "md5": adapters[c.meta["name"]].md5,
                                           "class_word": c.meta["class_word"]} for c in concepts},
-            "base_model": catalog.base_model, "base_model_hash": model_fingerprint(catalog.base_model),
+            "base_model": catalog.base_model, "base_model_hash": model_fingerprint(catalog.base_model_source),
         }
         save_adapter(staging, fused_tensors(weights, merged_embeddings(concepts)), meta)
         return {"params": {"method": catalog.fuse.method, "solver": meta["solver"] or "",

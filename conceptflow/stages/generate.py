@@ -21,7 +21,7 @@ def generate(catalog: Catalog, combination_name: str, sampler: str | None = None
     requests = [SampleRequest(prompt, seed) for prompt in combination.prompts for seed in combination.seeds]
 
     def produce(staging):
-        pipeline = load_base_pipeline(catalog.base_model, catalog.device, catalog.dtype)
+        pipeline = load_base_pipeline(catalog.base_model_source, catalog.device, catalog.dtype)
         fused_model = load_concept(layout.fused(combination_name), pipeline)
         apply_concepts(pipeline, [fused_model])
         plain = sample_images(pipeline, requests, combination.concepts, catalog.resolution, settings.steps,

@@ -56,7 +56,7 @@ def register(catalog: Catalog) -> list[str]:
     uri = tracking_uri(layout.root)
     locked = locked_output_md5s(layout.root)
     common = {"git_revision": git_revision(layout.root), "base_model": catalog.base_model,
-              "base_model_hash": model_fingerprint(catalog.base_model), "catalog": catalog.project}
+              "base_model_hash": model_fingerprint(catalog.base_model_source), "catalog": catalog.project}
     scores = _concept_scores(layout, catalog)
     lines, concept_versions = [], {}
 

@@ -33,7 +33,7 @@ def train(catalog: Catalog, concept_name: str, force: bool = False, stop_after: 
     layout = Layout(catalog)
     images = require_manifest(layout.images(concept_name), "ingested images", f"ingest --concept {concept_name}")
     masks = require_manifest(layout.masks(concept_name), "masks", f"mask --concept {concept_name}")
-    base_hash = model_fingerprint(catalog.base_model)
+    base_hash = model_fingerprint(catalog.base_model_source)
     settings_hash = config_hash(concept.train, concept.class_word, catalog.base_model, base_hash, catalog.seed,
                                 catalog.resolution, catalog.dtype)
     upstream = {"images": images.md5, "masks": masks.md5}
@@ -42,7 +42,7 @@ def train(catalog: Catalog, concept_name: str, force: bool = False, stop_after: 
 
     def produce(staging):
         torch.manual_seed(catalog.seed)
-        pipeline = load_base_pipeline(catalog.base_model, catalog.device, catalog.dtype)
+        pipeline = load_base_pipeline(catalog.base_model_source, catalog.device, catalog.dtype)
         setup = prepare_concept_training(
             pipeline, concept_name, concept.class_word, ingested_images(layout.images(concept_name)),
             ingested_images(layout.masks(concept_name)), catalog.resolution, catalog.seed)
