@@ -68,16 +68,10 @@ def concept_section(layout: Layout, catalog: Catalog, name: str) -> str:
 
 
 def scores_table(metrics: dict) -> str:
-    rows = []
+    from conceptflow.stages.base import flat_params
 
-    def walk(prefix: str, value):
-        if isinstance(value, dict):
-            for key, inner in value.items():
-                walk(f"{prefix}.{key}" if prefix else key, inner)
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            rows.append(f"<tr><td>{html.escape(prefix)}</td><td>{value:.4f}</td></tr>")
-
-    walk("", metrics)
+    rows = [f"<tr><td>{html.escape(key)}</td><td>{value:.4f}</td></tr>" for key, value in flat_params("", metrics).items()
+            if isinstance(value, (int, float)) and not isinstance(value, bool)]
     return "<table><tr><th>metric</th><th>value</th></tr>" + "".join(rows) + "</table>" if rows else ""
 
 

@@ -10,7 +10,7 @@ from conceptflow.config import Catalog, config_hash
 from conceptflow.data.ingest import ingested_images
 from conceptflow.fileio import write_json_atomic
 from conceptflow.layout import Layout
-from conceptflow.stages.base import flat_params, require_manifest, run_stage
+from conceptflow.stages.base import require_manifest, run_stage
 
 
 def _open(path):
@@ -19,7 +19,7 @@ def _open(path):
 
 
 def evaluate(catalog: Catalog, combination_name: str, force: bool = False):
-    from conceptflow.metrics.evaluate import evaluate_images, load_metric_encoders
+    from conceptflow.metrics.evaluate import evaluate_images, flatten_metrics, load_metric_encoders
 
     combination = catalog.combination(combination_name)
     layout = Layout(catalog)
@@ -46,8 +46,8 @@ def evaluate(catalog: Catalog, combination_name: str, force: bool = False):
             scores["plain"] = evaluate_images(plain, reference_images, class_words, catalog.evaluate,
                                               device=catalog.device, encoders=encoders)["overall"]
         write_json_atomic(staging / "metrics.json", scores)
-        flat = {key: float(value) for key, value in flat_params("", scores).items()
-                if isinstance(value, (int, float)) and not isinstance(value, bool)}
+        flat = flatten_metrics(scores)
+        flat.update({f"plain/{key}": float(value) for key, value in scores.get("plain", {}).items() if value is not None})
         return {"params": {"clip_model": catalog.evaluate.clip_model, "dino_model": catalog.evaluate.dino_model},
                 "metrics": flat}
 
