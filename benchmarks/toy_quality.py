@@ -31,6 +31,7 @@ from conceptflow.toy.concepts import TOY_CONCEPTS, render_concept_images, write_
 from conceptflow.toy.evaluators import (
     ToyIdentityEncoder,
     ToyRecogniser,
+    attribute_recall,
     identity_similarity,
     omission_redundancy,
     prompt_alignment,
@@ -70,7 +71,11 @@ def base_quality(args, recogniser, rows: list) -> float:
     double_images = sample_base(pipeline, [s.caption for s in double], 0, args.steps, args.guidance)
     seconds = time.perf_counter() - started
     single_accuracy = prompt_alignment(recogniser, single_images, [s.caption for s in single])
+    unbound = attribute_recall(recogniser, single_images, [s.caption for s in single])
+    unbound_truth = attribute_recall(recogniser, [s.image for s in single], [s.caption for s in single])
     rows += [
+        ("base: single-object prompts, shape recognised", unbound["shape"], unbound_truth["shape"]),
+        ("base: single-object prompts, colour recognised", unbound["colour"], unbound_truth["colour"]),
         ("base: single-object prompts, shape+colour recognised", single_accuracy,
          prompt_alignment(recogniser, [s.image for s in single], [s.caption for s in single])),
         ("base: two-object prompts, both objects recognised", both_present(recogniser, double_images,

@@ -73,13 +73,22 @@ def _recognition(seen: list[list[tuple[str, str | None]]], counts: list[int]) ->
             shapes[row, SHAPES.index(shape)] = 1
             if colour:
                 pairs[row, PAIRS.index((shape, colour))] = 1
-    return Recognition(pairs, shapes, torch.tensor(counts))
+    colours = torch.stack([pairs[row].view(len(SHAPES), -1).amax(0) for row in range(len(seen))])
+    return Recognition(pairs, shapes, torch.tensor(counts), colours)
 
 
 def test_prompt_alignment_counts_asked_objects_seen():
     recogniser = FixedRecogniser(_recognition([[("star", "red")], [("circle", "green")]], [1, 1]))
     score = prompt_alignment(recogniser, [None, None], ["a red star and a blue circle", "a green circle"])
     assert score == pytest.approx(2 / 3)
+
+
+def test_attribute_recall_scores_shape_and_colour_apart():
+    from conceptflow.toy.evaluators import attribute_recall
+
+    recogniser = FixedRecogniser(_recognition([[("star", "blue")], [("circle", "green")]], [1, 1]))
+    recall = attribute_recall(recogniser, [None, None], ["a red star", "a green heart"])
+    assert recall == {"shape": 0.5, "colour": 0.5}
 
 
 def test_omission_and_redundancy():

@@ -129,6 +129,10 @@ class Recognition:
     pairs: torch.Tensor  # (N, len(PAIRS)) probabilities
     shapes: torch.Tensor  # (N, len(SHAPES)) probabilities
     counts: torch.Tensor  # (N,) most likely object count
+    colours: torch.Tensor | None = None  # (N, len(COLOUR_NAMES)) probabilities
+
+    def has_colour(self, index: int, colour: str) -> bool:
+        return bool(self.colours[index, COLOUR_NAMES.index(colour)] > PRESENT)
 
     def has(self, index: int, shape: str, colour: str | None = None) -> bool:
         if colour is None:
@@ -148,8 +152,9 @@ class ToyRecogniser:
 
     @torch.no_grad()
     def recognise(self, images: Sequence[Image.Image]) -> Recognition:
-        pairs, shapes, _, counts = self.net(_pixels(images).to(self.device))
-        return Recognition(torch.sigmoid(pairs).cpu(), torch.sigmoid(shapes).cpu(), counts.argmax(-1).cpu())
+        pairs, shapes, colours, counts = self.net(_pixels(images).to(self.device))
+        return Recognition(torch.sigmoid(pairs).cpu(), torch.sigmoid(shapes).cpu(), counts.argmax(-1).cpu(),
+                           torch.sigmoid(colours).cpu())
 
     def embed_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """(N, 64) normalised (shape, colour) presence probabilities (the toy CLIP image side)."""
@@ -195,6 +200,19 @@ def prompt_alignment(recogniser: ToyRecogniser, images: Sequence[Image.Image], p
             asked += 1
             seen += recognition.has(index, shape, colour)
     return seen / asked if asked else float("nan")
+
+
+def attribute_recall(recogniser: ToyRecogniser, images: Sequence[Image.Image], prompts: Sequence[str]) -> dict:
+    """Shapes and colours asked for and seen, each on its own (unbound): how far a base that
+    does not yet bind them gets."""
+    recognition = recogniser.recognise(images)
+    asked = shapes = colours = 0
+    for index, prompt in enumerate(prompts):
+        for shape, colour in prompt_pairs(prompt):
+            asked += 1
+            shapes += recognition.has(index, shape)
+            colours += colour is not None and recognition.has_colour(index, colour)
+    return {"shape": shapes / asked if asked else float("nan"), "colour": colours / asked if asked else float("nan")}
 
 
 def identity_similarity(encoder: ToyIdentityEncoder, generated: Sequence[Image.Image],

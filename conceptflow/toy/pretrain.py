@@ -62,7 +62,7 @@ class PretrainConfig:
     vae_foreground_start: int = 1500
     vae_foreground_weight: float = 4.0
     latent_scenes: int = 8000  # scenes encoded once for stage 2; captions are re-drawn per use
-    unet_steps: int = 3000
+    unet_steps: int = 6000
     batch_size: int = 16
     unet_lr: float = 8e-4
     text_lr: float = 4e-4
