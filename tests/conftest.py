@@ -45,3 +45,12 @@ def dreambooth_dir() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real DreamBooth photos not found at {SHARED_DATA} (the shared/ folder is absent)")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module's tiny models: two threads on a busy 2-core CPU spin ~10x slower."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -19,16 +19,7 @@ from conceptflow.train.conceptflow_s import ConceptFlowSMethod, krona_wed_deltas
 from conceptflow.train.loop import run_training, step_generator
 from conceptflow.train.losses import attention_regularisation_loss, disentangle_cosine
 
-pytestmark = pytest.mark.filterwarnings("ignore")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny models gain nothing from threads, and a shared CPU makes thread spinning costly."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = [pytest.mark.filterwarnings("ignore"), pytest.mark.usefixtures("one_torch_thread")]
 
 
 def _square_mask(size: int = 8) -> torch.Tensor:

@@ -14,14 +14,7 @@ TOY_BASE = Path(__file__).resolve().parents[1] / "assets" / "toy-base"
 pytestmark = pytest.mark.skipif(not (TOY_BASE / "model_index.json").is_file()
                                 or not (TOY_BASE / "evaluators" / "recogniser").is_dir(),
                                 reason="toy base weights not committed")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = [pytestmark, pytest.mark.usefixtures("one_torch_thread")]
 
 
 @pytest.fixture(scope="module")

@@ -27,15 +27,8 @@ from conceptflow.toy.evaluators import (
 )
 from conceptflow.toy.world import SHAPES, make_scene
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 EVALUATORS = Path(__file__).resolve().parents[1] / "assets" / "toy-base" / "evaluators"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.mark.parametrize("prompt, expected", [

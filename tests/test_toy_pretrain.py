@@ -18,17 +18,9 @@ from conceptflow.toy.pretrain import (
     vae_loss,
 )
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 SMOKE = PretrainConfig(vae_steps=3, vae_foreground_start=1, vae_batch_size=2, latent_scenes=8, unet_steps=3, batch_size=2,
                        warmup_steps=1, checkpoint_every=2)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Two torch threads on this shared 2-core CPU are ~10x slower than one under contention."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")
