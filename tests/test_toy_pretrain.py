@@ -108,3 +108,43 @@ def test_pretrain_saves_a_loadable_pipeline_with_a_card_and_resumes(tmp_path):
     add_measurements_to_card(tmp_path / "toy", {"single_object_accuracy": 0.9})
     card = (tmp_path / "toy" / "README.md").read_text()
     assert card.count("## Measured") == 1 and "single_object_accuracy: 0.9" in card and "## How it was made" in card
+
+
+def test_object_weights_of_one_leave_the_denoising_loss_unchanged(toy_pipeline):
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler.from_config(toy_pipeline.scheduler.config)
+    latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(1))
+
+    def loss(weights):
+        with torch.no_grad():
+            return denoising_loss(toy_pipeline.unet, toy_pipeline.text_encoder, toy_pipeline.tokenizer, scheduler,
+                                  latents, ["a red star", "a blue circle"], torch.Generator().manual_seed(2),
+                                  latent_weights=weights)
+
+    plain = loss(None)
+    assert torch.allclose(loss(torch.ones(2, 1, 16, 16)), plain)
+    assert torch.allclose(loss(torch.full((2, 1, 16, 16), 3.0)), plain)  # weights are renormalised per image
+    focused = torch.ones(2, 1, 16, 16)
+    focused[:, :, 4:8, 4:8] = 5.0
+    assert not torch.allclose(loss(focused), plain)
+
+
+def test_saved_weights_are_the_moving_average_and_resume_keeps_it(tmp_path):
+    from safetensors.torch import load_file
+
+    config = PretrainConfig(**{**SMOKE.__dict__, "ema_decay": 0.5})
+    pretrain_toy_base(tmp_path / "toy", minutes=None, config=config, progress=False)
+    state = torch.load(tmp_path / "toy" / "checkpoints" / "denoiser.pt", weights_only=True)
+    saved = load_file(str(tmp_path / "toy" / "unet" / "diffusion_pytorch_model.safetensors"))
+    shadow = state["ema"]["shadow_params"]
+    raw = list(state["unet"].values())
+    names = list(state["unet"])
+    assert state["ema"]["optimization_step"] == 3
+    assert all(torch.equal(saved[name], average) for name, average in zip(names, shadow))
+    assert any(not torch.equal(saved[name], value) for name, value in zip(names, raw))
+
+    longer = PretrainConfig(**{**config.__dict__, "unet_steps": 5})
+    pretrain_toy_base(tmp_path / "toy", minutes=None, config=longer, progress=False)
+    state = torch.load(tmp_path / "toy" / "checkpoints" / "denoiser.pt", weights_only=True)
+    assert state["ema"]["optimization_step"] == 5

@@ -35,12 +35,12 @@ from conceptflow.models.tokenizer import build_clip_tokenizer
 from conceptflow.toy.world import IMAGE_SIZE, caption, render, sample_scene
 
 TOY_SIZE = TinySDSize(
-    unet_channels=(32, 64),
+    unet_channels=(32, 64, 128),  # 16x16, 8x8, 4x4: a third level costs ~25 % more than two and holds 4x the weights
     unet_layers_per_block=1,
     unet_attention_heads=2,  # 16/32-dim heads: ~35 % faster on a CPU than 8 heads of 4/8 dims
-    text_hidden=32,
+    text_hidden=64,
     text_layers=3,
-    text_intermediate=128,
+    text_intermediate=256,
     text_heads=4,
     vae_channels=(16, 32, 32),
     image_size=IMAGE_SIZE,
@@ -53,22 +53,28 @@ class PretrainConfig:
     """Settings of a toy-base pretraining run (recorded in the model card)."""
 
     seed: int = 0
-    vae_steps: int = 3000
+    vae_steps: int = 4000
     vae_batch_size: int = 8
     vae_lr: float = 1e-3
     vae_kl_weight: float = 1e-6
-    # Objects cover ~10 % of a scene, so a plain loss learns the background first and leaves
+    # Objects cover ~10-25 % of a scene, so a plain loss learns the background first and leaves
     # shapes blurred and colours washed out; from this step on, object pixels weigh 1 + w.
-    vae_foreground_start: int = 1500
+    vae_foreground_start: int = 0
     vae_foreground_weight: float = 4.0
-    latent_scenes: int = 8000  # scenes encoded once for stage 2; captions are re-drawn per use
-    unet_steps: int = 6000
-    batch_size: int = 16
-    unet_lr: float = 8e-4
-    text_lr: float = 4e-4
+    latent_scenes: int = 20000  # scenes encoded once for stage 2; captions are re-drawn per use
+    unet_steps: int = 9000
+    batch_size: int = 32
+    unet_lr: float = 2e-3
+    text_lr: float = 1e-3
     warmup_steps: int = 200
     final_lr_fraction: float = 0.1  # cosine decay to this fraction of the peak
     min_snr_gamma: float = 5.0
+    # Objects cover a small part of a scene; latent pixels are weighted 1 + w * object coverage
+    # (renormalised per image) so the loss is not dominated by the easy background.
+    object_loss_weight: float = 0.0
+    # The saved weights are an exponential moving average of the trained ones (diffusers'
+    # EMAModel, (1 + n) / (10 + n) warm-up capped at this decay); 0 saves the raw weights.
+    ema_decay: float = 0.999
     caption_drop_probability: float = 0.25  # each optional caption word group left out
     unconditional_probability: float = 0.1
     checkpoint_every: int = 250
@@ -135,13 +141,18 @@ def encode_captions(tokenizer, text_encoder, captions) -> torch.Tensor:
 
 
 def denoising_loss(unet, text_encoder, tokenizer, noise_scheduler, latents: torch.Tensor, captions,
-                   generator: torch.Generator, min_snr_gamma: float | None = 5.0) -> torch.Tensor:
-    """The epsilon-prediction loss at random timesteps, min-SNR-gamma weighted per sample."""
+                   generator: torch.Generator, min_snr_gamma: float | None = 5.0,
+                   latent_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """The epsilon-prediction loss at random timesteps, min-SNR-gamma weighted per sample;
+    ``latent_weights`` (N, 1, h, w) weigh latent pixels (default 1)."""
     noise = torch.randn(latents.shape, generator=generator)
     timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator)
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
     prediction = unet(noisy, timesteps, encode_captions(tokenizer, text_encoder, captions)).sample
-    per_sample = F.mse_loss(prediction, noise, reduction="none").mean(dim=(1, 2, 3))
+    error = F.mse_loss(prediction, noise, reduction="none")
+    if latent_weights is not None:
+        error = error * latent_weights / latent_weights.mean(dim=(1, 2, 3), keepdim=True)
+    per_sample = error.mean(dim=(1, 2, 3))
     if min_snr_gamma:
         alphas = noise_scheduler.alphas_cumprod[timesteps]
         snr = alphas / (1 - alphas)
@@ -222,16 +233,18 @@ def encode_scene_bank(vae, config: PretrainConfig, checkpoints: Path) -> dict:
     if cached:
         vae.register_to_config(scaling_factor=cached["scaling_factor"])
         return {**cached, "scenes": scenes}
-    means, stds = [], []
+    means, stds, coverages = [], [], []
     for start in range(0, len(scenes), 64):
-        pixels = to_pixels([render(s).image for s in scenes[start:start + 64]])
-        posterior = vae.encode(pixels).latent_dist
+        drawn = [render(s) for s in scenes[start:start + 64]]
+        posterior = vae.encode(to_pixels([d.image for d in drawn])).latent_dist
         means.append(posterior.mean)
         stds.append(posterior.std)
-    mean, std = torch.cat(means), torch.cat(stds)
+        masks = torch.from_numpy(np.stack([np.any(d.masks, axis=0) for d in drawn])).float()[:, None]
+        coverages.append(F.adaptive_avg_pool2d(masks, posterior.mean.shape[-2:]))
+    mean, std, coverage = torch.cat(means), torch.cat(stds), torch.cat(coverages)
     scaling_factor = float(1.0 / (mean + std * torch.randn(mean.shape, generator=torch.Generator().manual_seed(0))).std())
     vae.register_to_config(scaling_factor=scaling_factor)
-    bank = {"mean": mean, "std": std, "scenes": scenes, "scaling_factor": scaling_factor}
+    bank = {"mean": mean, "std": std, "object_coverage": coverage, "scenes": scenes, "scaling_factor": scaling_factor}
     _save_atomically({key: value for key, value in bank.items() if key != "scenes"}, checkpoints / "latents.pt")
     return bank
 
@@ -241,6 +254,7 @@ def train_denoiser(pipeline, bank: dict, config: PretrainConfig, checkpoints: Pa
     """Stage 2 (text encoder + UNet); returns (steps done, last loss). Resumes from
     ``checkpoints/denoiser.pt``."""
     from diffusers import DDPMScheduler
+    from diffusers.training_utils import EMAModel
 
     unet, text_encoder, tokenizer = pipeline.unet, pipeline.text_encoder, pipeline.tokenizer
     noise_scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
@@ -250,6 +264,8 @@ def train_denoiser(pipeline, bank: dict, config: PretrainConfig, checkpoints: Pa
     ], weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, _cosine_with_warmup(config.warmup_steps, config.unet_steps, config.final_lr_fraction))
+    trained = [*unet.parameters(), *text_encoder.parameters()]
+    ema = EMAModel(trained, decay=config.ema_decay) if config.ema_decay else None
     state = _load(checkpoints / "denoiser.pt")
     step, loss_value, recent = 0, None, []
     if state:
@@ -257,6 +273,8 @@ def train_denoiser(pipeline, bank: dict, config: PretrainConfig, checkpoints: Pa
         text_encoder.load_state_dict(state["text_encoder"])
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
         step, loss_value = state["step"], state["loss"]
     unet.train()
     text_encoder.train()
@@ -266,6 +284,7 @@ def train_denoiser(pipeline, bank: dict, config: PretrainConfig, checkpoints: Pa
     def checkpoint():
         _save_atomically({"unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(),
                           "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+                          "ema": ema.state_dict() if ema is not None else None,
                           "step": step, "loss": loss_value}, checkpoints / "denoiser.pt")
 
     while step < config.unet_steps and time.monotonic() < deadline:
@@ -276,13 +295,16 @@ def train_denoiser(pipeline, bank: dict, config: PretrainConfig, checkpoints: Pa
         generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
         latents = (bank["mean"][index] + bank["std"][index] * torch.randn(
             bank["mean"][index].shape, generator=generator)) * scale
+        weights = 1.0 + config.object_loss_weight * bank["object_coverage"][index] if config.object_loss_weight else None
         loss = denoising_loss(unet, text_encoder, tokenizer, noise_scheduler, latents, captions, generator,
-                              config.min_snr_gamma)
+                              config.min_snr_gamma, weights)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_([*unet.parameters(), *text_encoder.parameters()], 1.0)
+        torch.nn.utils.clip_grad_norm_(trained, 1.0)
         optimizer.step()
         schedule.step()
+        if ema is not None:
+            ema.step(trained)
         step += 1
         recent = (recent + [loss.item()])[-50:]
         loss_value = float(np.mean(recent))
@@ -292,6 +314,8 @@ def train_denoiser(pipeline, bank: dict, config: PretrainConfig, checkpoints: Pa
             checkpoint()
     bar.close()
     checkpoint()
+    if ema is not None:
+        ema.copy_to(trained)  # the pipeline saved next holds the averaged weights
     unet.eval()
     text_encoder.eval()
     return step, loss_value

@@ -41,9 +41,17 @@ BACKGROUNDS: dict[str, tuple[int, int, int]] = {
     "night": (40, 40, 75),
 }
 PATTERNS = ("plain", "striped", "dotted", "checkered")
-SIZES: dict[str, tuple[float, float]] = {"small": (6.0, 7.5), "big": (10.0, 12.0)}
+# Radii in pixels. With 16x16 latents a shape needs several latent pixels across to be drawable:
+# a small object spans ~4-5 of them, a big one ~6-7.
+SIZES: dict[str, tuple[float, float]] = {"small": (8.5, 9.5), "big": (12.5, 14.0)}
+# Where an object sits is nearly fixed by its caption (slot +- 1 px across, +- 3 px down for a
+# single object): a tiny model learns a near-deterministic caption -> layout map far faster
+# than one that must spread objects over a wide range.
+JITTER_X, JITTER_Y = 1.0, 3.0
 # Horizontal slots; several objects take distinct slots so captions can name where each is.
-POSITIONS: dict[str, float] = {"left": 14.0, "center": 32.0, "right": 50.0}
+# Two objects take the left and right slots; three (all small) spread out to the edges.
+POSITIONS: dict[str, float] = {"left": 17.0, "center": 32.0, "right": 47.0}
+THREE_OBJECT_POSITIONS: dict[str, float] = {"left": 12.0, "center": 32.0, "right": 52.0}
 POSITION_PHRASES = {"left": "on the left", "center": "in the center", "right": "on the right"}
 # An object colour must differ from the background by at least this RGB distance.
 MIN_CONTRAST = 110.0
@@ -273,20 +281,28 @@ def sample_background(rng: np.random.Generator) -> Background:
 
 
 def sample_scene(rng: np.random.Generator, object_count: int | None = None) -> Scene:
-    """A random vocabulary scene: 1-3 objects in distinct horizontal slots."""
+    """A random vocabulary scene: 1-3 objects in distinct horizontal slots (one: any slot; two:
+    left and right; three: all, small)."""
     background = sample_background(rng)
     if object_count is None:
         object_count = int(rng.choice([1, 2, 3], p=OBJECT_COUNT_WEIGHTS))
-    slots = rng.choice(list(POSITIONS), size=object_count, replace=False)
+    if object_count == 1:
+        slots = [str(rng.choice(list(POSITIONS)))]
+    elif object_count == 2:
+        slots = ["left", "right"]
+    else:
+        slots = list(POSITIONS)
+    positions = THREE_OBJECT_POSITIONS if object_count == 3 else POSITIONS
     colours = contrasting_colours(background.name)
     objects = []
-    for slot in sorted(slots, key=lambda s: POSITIONS[s]):
+    for slot in slots:
         shape, colour = str(rng.choice(SHAPES)), str(rng.choice(colours))
         pattern = str(rng.choice(PATTERNS))
         size = str(rng.choice(list(SIZES))) if object_count < 3 else "small"
         radius = float(rng.uniform(*SIZES[size]))
-        jitter_y = 9.0 if object_count == 1 else 5.0
-        center = (POSITIONS[slot] + float(rng.uniform(-2, 2)), 32.0 + float(rng.uniform(-jitter_y, jitter_y)))
+        jitter_y = JITTER_Y if object_count == 1 else JITTER_Y / 2
+        center = (positions[slot] + float(rng.uniform(-JITTER_X, JITTER_X)),
+                  32.0 + float(rng.uniform(-jitter_y, jitter_y)))
         objects.append(SceneObject(
             look=vocabulary_look(shape, colour, pattern), center=center, radius=radius, shape=shape,
             colour=colour, pattern=pattern, size=size, position=str(slot),
