@@ -112,7 +112,9 @@ def _save(net: nn.Module, folder: Path, config: dict) -> Path:
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, folder / "model.safetensors")
+    # float16 on disk keeps the committed toy assets small; loading casts back to the net's float32
+    save_file({k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in net.state_dict().items()},
+              folder / "model.safetensors")
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return folder
 
