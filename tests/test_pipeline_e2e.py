@@ -1,5 +1,5 @@
 """The whole pipeline through `conceptflow run` (Prefect ephemeral, DVC, MLflow sqlite) on the
-embedded tiny base, in a fresh git repository holding a copy of the default catalog."""
+default catalog (the toy base and toy concepts), in a fresh git repository holding a copy of it."""
 
 from __future__ import annotations
 
@@ -11,11 +11,15 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "conceptflow.cli"]
+DEFAULT = yaml.safe_load((ROOT / "catalog.yaml").read_text())
+FIRST, SECOND = list(DEFAULT["concepts"])[:2]  # the default catalog trains FIRST with ED-LoRA, SECOND with ConceptFlow-S
+COMBO = next(iter(DEFAULT["combinations"]))
 
 
 def run_cli(project: Path, *args: str) -> subprocess.CompletedProcess:
@@ -34,6 +38,8 @@ def project(tmp_path_factory) -> Path:
     shutil.copy(ROOT / "dvc.yaml", project / "dvc.yaml")
     shutil.copytree(ROOT / ".dvc", project / ".dvc", ignore=shutil.ignore_patterns("tmp", "cache"))
     catalog = yaml.safe_load((ROOT / "catalog.yaml").read_text())
+    assert catalog["concepts"][FIRST]["train"]["method"] == "edlora"
+    assert catalog["concepts"][SECOND]["train"]["method"] == "conceptflow_s"
     for concept in catalog["concepts"].values():
         concept["train"]["steps"] = 6
         concept["train"]["checkpoint_every"] = 3
@@ -52,21 +58,22 @@ def first_run(project):
 def test_run_leaves_images_report_and_clean_dvc(project, first_run):
     summary = json.loads(first_run.stdout[first_run.stdout.index("{"):])
     assert summary["dvc_status_clean"] is True
-    assert "train:dog" in summary["ran"] and "generate:dog+cat" in summary["ran"]
-    listing = json.loads((project / "data/generated/dog+cat/images.json").read_text())["images"]
+    assert f"train:{FIRST}" in summary["ran"] and f"generate:{COMBO}" in summary["ran"]
+    generated = project / "data/generated" / COMBO
+    listing = json.loads((generated / "images.json").read_text())["images"]
     assert len(listing) == 4  # 2 prompts x 2 seeds
-    assert json.loads((project / "data/generated/dog+cat/images.json").read_text())["sampler"] == "conceptflow_m"
+    assert json.loads((generated / "images.json").read_text())["sampler"] == "conceptflow_m"
     for row in listing:
         for file in (row["file"], row["plain_file"], *row["attention"].values()):
-            with Image.open(project / "data/generated/dog+cat" / file) as image:
+            with Image.open(generated / file) as image:
                 assert image.size == (64, 64)
-        assert set(row["attention"]) == {"dog", "cat"}
+        assert set(row["attention"]) == {FIRST, SECOND}
     report = (project / "data/report/index.html").read_text()
     assert report.count("<img") >= 4 * 4 + 10 + 10  # (ConceptFlow-M, plain, 2 maps) per image, photos, masks
-    assert "plain fused" in report and "&lt;cat&gt; attention" in report
-    metrics = json.loads((project / "data/metrics/dog+cat/metrics.json").read_text())
+    assert "plain fused" in report and f"&lt;{SECOND}&gt; attention" in report
+    metrics = json.loads((project / "data/metrics" / COMBO / "metrics.json").read_text())
     assert set(metrics["plain"]) >= {"clip_t", "dino"} and metrics["overall"]["dino"] is not None
-    assert "a &lt;dog&gt; and a &lt;cat&gt; on the grass" in report
+    assert f"a &lt;{FIRST}&gt; and a &lt;{SECOND}&gt;" in report
     status = subprocess.run([sys.executable, "-m", "dvc", "status", "--json"], cwd=project, capture_output=True,
                             text=True, check=True)
     assert json.loads(status.stdout or "{}") == {}
@@ -76,10 +83,15 @@ def test_run_leaves_images_report_and_clean_dvc(project, first_run):
 def test_conceptflow_s_concept_exports_to_lycoris(project, first_run):
     from safetensors.torch import load_file
 
-    run_cli(project, "export-lycoris", "data/adapters/cat", "cat_lokr.safetensors")
-    keys = load_file(str(project / "cat_lokr.safetensors")).keys()
+    from conceptflow.models.loading import load_base_pipeline
+
+    run_cli(project, "export-lycoris", f"data/adapters/{SECOND}", "lokr.safetensors")
+    keys = load_file(str(project / "lokr.safetensors")).keys()
     assert {key.rsplit(".", 1)[1] for key in keys} == {"lokr_w1", "lokr_w2", "alpha", "dora_scale"}
-    assert len(keys) == 4 * 56  # every linear of every UNet attention module of the tiny base
+    unet = load_base_pipeline(str(project / DEFAULT["base_model"])).unet
+    attention_linears = [name for name, module in unet.named_modules()
+                         if isinstance(module, torch.nn.Linear) and ".attn" in name]
+    assert len(keys) == 4 * len(attention_linears)  # every linear of every UNet attention module
 
 
 def test_registry_holds_versions_with_lineage(project, first_run):
@@ -89,28 +101,28 @@ def test_registry_holds_versions_with_lineage(project, first_run):
     catalog = yaml.safe_load((project / "catalog.yaml").read_text())
     lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=project, capture_output=True, text=True).stdout.strip()
-    for name in ("dog", "cat"):
+    for name in (FIRST, SECOND):
         version = lookup(uri, f"concept.{name}", "champion")
         tags = version["tags"]
         assert tags["dvc.images.md5"] == lock[f"ingest@{name}"]["outs"][0]["md5"]
         assert tags["dvc.masks.md5"] == lock[f"mask@{name}"]["outs"][0]["md5"]
         assert tags["dvc.adapter.md5"] == lock[f"train@{name}"]["outs"][0]["md5"]
         assert tags["git_revision"].startswith(head)
-        assert tags["base_model"] == "embedded:tiny-sd" and len(tags["base_model_hash"]) == 32
+        assert tags["base_model"] == DEFAULT["base_model"] and len(tags["base_model_hash"]) == 32
         assert tags["config_hash"] and tags["method"] == catalog["concepts"][name]["train"]["method"]
-    combo = lookup(uri, "combo.dog+cat", "champion")
-    assert combo["tags"]["dvc.fused.md5"] == lock["fuse@dog+cat"]["outs"][0]["md5"]
-    assert combo["tags"]["concept.dog.version"] == "1"
+    combo = lookup(uri, f"combo.{COMBO}", "champion")
+    assert combo["tags"]["dvc.fused.md5"] == lock[f"fuse@{COMBO}"]["outs"][0]["md5"]
+    assert combo["tags"][f"concept.{FIRST}.version"] == "1"
 
 
 def test_second_run_redoes_nothing(project, first_run):
-    adapter = project / "data/adapters/dog/adapter.safetensors"
+    adapter = project / f"data/adapters/{FIRST}/adapter.safetensors"
     before = adapter.stat().st_mtime_ns
     second = run_cli(project, "run", "--catalog", "catalog.yaml")
     summary = json.loads(second.stdout[second.stdout.index("{"):])
     assert summary["ran"] == []
     assert adapter.stat().st_mtime_ns == before
-    assert summary["registered"] == ["concept.dog v1", "concept.cat v1", "combo.dog+cat v1"]
+    assert summary["registered"] == [f"concept.{FIRST} v1", f"concept.{SECOND} v1", f"combo.{COMBO} v1"]
     assert summary["dvc_status_clean"] is True
 
 

@@ -136,3 +136,34 @@ def test_toy_catalog_loads_and_points_to_images(tmp_path):
     for concept in catalog.concepts:
         assert len(list(catalog.images_dir(concept).glob("*.png"))) == 4
     assert catalog.combinations[0].concepts == ("zigzag_star", "quartered_heart")
+
+
+def test_default_catalog_concepts_are_the_generators_renders():
+    """assets/toy-concepts holds exactly what write_concept_images renders, so the default
+    catalog's data can be regenerated (and a change to the world shows up here)."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    root = Path(__file__).resolve().parents[1]
+    catalog = load_catalog(root / "catalog.yaml")
+    for concept in catalog.concepts:
+        folder = catalog.images_dir(concept)
+        files = sorted(folder.glob("*.png"))
+        views = render_concept_images(TOY_CONCEPTS[concept.name], len(files))
+        assert files and concept.class_word == TOY_CONCEPTS[concept.name].class_word
+        for file, view in zip(files, views):
+            with Image.open(file) as image:
+                assert np.array_equal(np.asarray(image.convert("RGB")), np.asarray(view.image))
+
+
+def test_two_object_scenes_take_both_sides_and_three_objects_are_small():
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        two = sample_scene(rng, object_count=2)
+        assert [o.position for o in two.objects] == ["left", "right"]
+        three = sample_scene(rng, object_count=3)
+        assert {o.size for o in three.objects} == {"small"}
+        xs = [o.center[0] for o in three.objects]
+        radii = [o.radius for o in three.objects]
+        assert all(b - a > ra + rb - 2 for a, b, ra, rb in zip(xs, xs[1:], radii, radii[1:]))  # barely touch at most

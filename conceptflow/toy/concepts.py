@@ -102,6 +102,18 @@ def random_look(rng: np.random.Generator) -> Look:
     return Look(parts=parts, fill=fill, colours=colours)
 
 
+def write_concept_images(folder: str | Path, name: str, count: int = 5, seed: int = 0) -> list[Path]:
+    """Render ``count`` views of toy concept ``name`` as ``folder/NN.png`` (the default catalog's
+    ``assets/toy-concepts/<name>`` were written by this with the defaults)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for index, view in enumerate(render_concept_images(TOY_CONCEPTS[name], count, seed)):
+        paths.append(folder / f"{index:02d}.png")
+        view.image.save(paths[-1])
+    return paths
+
+
 def write_toy_catalog(folder: str | Path, concept_names: Sequence[str] | None = None, images_per_concept: int = 5,
                       seed: int = 0, base_model: str = "embedded:tiny-sd", train_steps: int = 60,
                       combinations: dict[str, tuple[str, ...]] | None = None,
@@ -121,10 +133,7 @@ def write_toy_catalog(folder: str | Path, concept_names: Sequence[str] | None = 
     concepts_yaml = {}
     for name in names:
         concept = TOY_CONCEPTS[name]
-        images_dir = folder / "concepts" / name
-        images_dir.mkdir(parents=True, exist_ok=True)
-        for index, view in enumerate(render_concept_images(concept, images_per_concept, seed)):
-            view.image.save(images_dir / f"{index:02d}.png")
+        write_concept_images(folder / "concepts" / name, name, images_per_concept, seed)
         concepts_yaml[name] = {
             "class_word": concept.class_word,
             "images": f"concepts/{name}",
