@@ -64,10 +64,10 @@ class PretrainConfig:
     vae_foreground_start: int = 0
     vae_foreground_weight: float = 4.0
     latent_scenes: int = 20000  # scenes encoded once for stage 2; captions are re-drawn per use
-    unet_steps: int = 9000
+    unet_steps: int = 8000
     batch_size: int = 32
-    unet_lr: float = 2e-3
-    text_lr: float = 1e-3
+    unet_lr: float = 1e-3
+    text_lr: float = 5e-4
     warmup_steps: int = 200
     final_lr_fraction: float = 0.1  # cosine decay to this fraction of the peak
     min_snr_gamma: float = 5.0
