@@ -19,7 +19,6 @@ Prints a table; the last line is ``single_object_accuracy = <x>``.
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -27,6 +26,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from conceptflow.stages.chain import make_combination
+from conceptflow.stages.generate import generated_images
 from conceptflow.toy.concepts import TOY_CONCEPTS, render_concept_images, write_toy_catalog
 from conceptflow.toy.evaluators import (
     ToyIdentityEncoder,
@@ -98,26 +99,8 @@ def save_grid(images, path: Path, columns: int = 8) -> None:
     grid.save(path)
 
 
-def run_stages(catalog, combination: str, sampler: str) -> Path:
-    from conceptflow.layout import Layout
-    from conceptflow.stages.fuse import fuse
-    from conceptflow.stages.generate import generate
-    from conceptflow.stages.ingest import ingest
-    from conceptflow.stages.mask import mask
-    from conceptflow.stages.train import train
-
-    for concept in catalog.combination(combination).concepts:
-        ingest(catalog, concept)
-        mask(catalog, concept)
-        train(catalog, concept)
-    fuse(catalog, combination)
-    generate(catalog, combination, sampler=sampler)
-    return Layout(catalog).generated(combination)
-
-
-def generated_images(folder: Path, key: str = "file") -> tuple[list[Image.Image], list[str]]:
-    records = json.loads((folder / "images.json").read_text())["images"]
-    return [Image.open(folder / r[key]).convert("RGB") for r in records], [r["prompt"] for r in records]
+def images_only(pairs) -> list[Image.Image]:
+    return [image for image, _ in pairs]
 
 
 def personalisation(args, workdir: Path, identity, recogniser, rows: list) -> None:
@@ -134,7 +117,7 @@ def personalisation(args, workdir: Path, identity, recogniser, rows: list) -> No
     similar = [v.image for v in render_concept_images(TOY_CONCEPTS[SIMILAR_CONCEPT], 5)]
 
     started = time.perf_counter()
-    tuned, _ = generated_images(run_stages(catalog, PERSONAL_CONCEPT, "fused"))
+    tuned = images_only(generated_images(make_combination(catalog, PERSONAL_CONCEPT, "fused")))
     base = sample_base(load_base_pipeline(str(args.base)), ["a star"] * len(tuned), 0, args.steps, args.guidance)
     rows += [
         (f"identity to <{PERSONAL_CONCEPT}>: fine-tuned", identity_similarity(identity, tuned, references), None),
@@ -145,10 +128,10 @@ def personalisation(args, workdir: Path, identity, recogniser, rows: list) -> No
          identity_similarity(identity, references[:2], references[2:]), None),
     ]
     pair = f"{PERSONAL_CONCEPT}+{SECOND_CONCEPT}"
-    folder = run_stages(catalog, pair, "conceptflow_m")
-    flow_images, prompts = generated_images(folder)
-    plain_images, _ = generated_images(folder, "plain_file")
-    classes = [[TOY_CONCEPTS[PERSONAL_CONCEPT].class_word, TOY_CONCEPTS[SECOND_CONCEPT].class_word]] * len(prompts)
+    folder = make_combination(catalog, pair, "conceptflow_m")
+    flow_images = images_only(generated_images(folder))
+    plain_images = images_only(generated_images(folder, "plain_file"))
+    classes = [[TOY_CONCEPTS[PERSONAL_CONCEPT].class_word, TOY_CONCEPTS[SECOND_CONCEPT].class_word]] * len(flow_images)
     plain_rates = omission_redundancy(recogniser, plain_images, classes)
     flow_rates = omission_redundancy(recogniser, flow_images, classes)
     rows += [

@@ -61,18 +61,11 @@ def test_toy_base_scaling_factor_whitens_its_latents():
 def test_fine_tuning_a_toy_concept_raises_its_identity_above_the_base_class_word(tmp_path):
     """ED-LoRA on the toy base: after a short fine-tune the concept's images are closer (toy
     DINO) to its reference views than what the base draws for its class word, "a star"."""
-    import json
-
     import yaml
-    from PIL import Image
 
     from conceptflow.config import load_catalog
-    from conceptflow.layout import Layout
-    from conceptflow.stages.fuse import fuse
-    from conceptflow.stages.generate import generate
-    from conceptflow.stages.ingest import ingest
-    from conceptflow.stages.mask import mask
-    from conceptflow.stages.train import train
+    from conceptflow.stages.chain import make_combination
+    from conceptflow.stages.generate import generated_images
     from conceptflow.toy.concepts import TOY_CONCEPTS, render_concept_images, write_toy_catalog
     from conceptflow.toy.evaluators import ToyIdentityEncoder, identity_similarity
 
@@ -83,15 +76,7 @@ def test_fine_tuning_a_toy_concept_raises_its_identity_above_the_base_class_word
     spec["combinations"][name]["prompts"] = [f"a <{name}>"]
     spec["generate"] = {"sampler": "fused", "steps": 15}
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
-    catalog = load_catalog(path)
-    ingest(catalog, name)
-    mask(catalog, name)
-    train(catalog, name)
-    fuse(catalog, name)
-    generate(catalog, name)
-    folder = Layout(catalog).generated(name)
-    tuned = [Image.open(folder / row["file"]).convert("RGB")
-             for row in json.loads((folder / "images.json").read_text())["images"]]
+    tuned = [image for image, _ in generated_images(make_combination(load_catalog(path), name))]
     base = _draw(str(TOY_BASE), ["a star"] * len(tuned))
     identity = ToyIdentityEncoder(TOY_BASE / "evaluators" / "identity")
     references = [view.image for view in render_concept_images(TOY_CONCEPTS[name], 5)]

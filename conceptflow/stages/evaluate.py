@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 from PIL import Image
 
 from conceptflow.config import Catalog, config_hash
@@ -11,6 +9,7 @@ from conceptflow.data.ingest import ingested_images
 from conceptflow.fileio import write_json_atomic
 from conceptflow.layout import Layout
 from conceptflow.stages.base import require_manifest, run_stage
+from conceptflow.stages.generate import generated_images
 
 
 def _open(path):
@@ -29,8 +28,7 @@ def evaluate(catalog: Catalog, combination_name: str, force: bool = False):
                   for name in combination.concepts}
 
     def produce(staging):
-        listing = json.loads((layout.generated(combination_name) / "images.json").read_text())["images"]
-        images = [(_open(layout.generated(combination_name) / row["file"]), row["prompt"]) for row in listing]
+        images = generated_images(layout.generated(combination_name))
         reference_images = {name: [_open(p) for p in ingested_images(layout.images(name))] for name in combination.concepts}
         class_words = {name: catalog.concept(name).class_word for name in combination.concepts}
         if catalog.evaluate.toy_evaluators:
@@ -41,8 +39,8 @@ def evaluate(catalog: Catalog, combination_name: str, force: bool = False):
             encoders = load_metric_encoders(catalog.evaluate, catalog.device)
         scores = evaluate_images(images, reference_images, class_words, catalog.evaluate, device=catalog.device,
                                  encoders=encoders)
-        if all(row.get("plain_file") for row in listing):  # the same prompts and seeds, plain fused sampling
-            plain = [(_open(layout.generated(combination_name) / row["plain_file"]), row["prompt"]) for row in listing]
+        plain = generated_images(layout.generated(combination_name), "plain_file")  # same prompts and seeds
+        if plain is not None:
             scores["plain"] = evaluate_images(plain, reference_images, class_words, catalog.evaluate,
                                               device=catalog.device, encoders=encoders)["overall"]
         write_json_atomic(staging / "metrics.json", scores)

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+from PIL import Image
+
 from conceptflow.adapters.merge import apply_concepts, load_concept
 from conceptflow.config import Catalog, GenerateConfig, config_hash
 from conceptflow.fileio import write_json_atomic
@@ -57,3 +62,17 @@ def generate(catalog: Catalog, combination_name: str, sampler: str | None = None
 
     return run_stage("generate", combination_name, layout.generated(combination_name),
                      config_hash(settings, combination, catalog.resolution), {"fused": fused.md5}, produce, force)
+
+
+def generated_images(folder: Path, key: str = "file") -> list[tuple[Image.Image, str]] | None:
+    """(RGB image, prompt) for each row of ``folder/images.json``, reading the row's ``key``
+    ("file", or "plain_file" for the plain fused images beside ConceptFlow-M's); None when the
+    rows have no such images."""
+    rows = json.loads((Path(folder) / "images.json").read_text())["images"]
+    if not all(row.get(key) for row in rows):
+        return None
+    pairs = []
+    for row in rows:
+        with Image.open(Path(folder) / row[key]) as opened:
+            pairs.append((opened.convert("RGB"), row["prompt"]))
+    return pairs

@@ -117,9 +117,13 @@ def scene_batch(config: PretrainConfig, stage: int, step: int, batch_size: int, 
     pixels = to_pixels([d.image for d in drawn])
     if not with_masks:
         return pixels, captions
-    masks = torch.from_numpy(np.stack([np.any(d.masks, axis=0) if d.masks else np.zeros((IMAGE_SIZE, IMAGE_SIZE), bool)
-                                       for d in drawn])).float()[:, None]
-    return pixels, captions, masks
+    return pixels, captions, object_masks(drawn)
+
+
+def object_masks(drawn) -> torch.Tensor:
+    """(N, 1, H, W) float: 1 where any object of each rendered scene is visible."""
+    return torch.from_numpy(np.stack([np.any(d.masks, axis=0) if d.masks else np.zeros((IMAGE_SIZE, IMAGE_SIZE), bool)
+                                      for d in drawn])).float()[:, None]
 
 
 # --- losses ---------------------------------------------------------------------------------
@@ -241,8 +245,7 @@ def encode_scene_bank(vae, config: PretrainConfig, checkpoints: Path) -> dict:
         posterior = vae.encode(to_pixels([d.image for d in drawn])).latent_dist
         means.append(posterior.mean)
         stds.append(posterior.std)
-        masks = torch.from_numpy(np.stack([np.any(d.masks, axis=0) for d in drawn])).float()[:, None]
-        coverages.append(F.adaptive_avg_pool2d(masks, posterior.mean.shape[-2:]))
+        coverages.append(F.adaptive_avg_pool2d(object_masks(drawn), posterior.mean.shape[-2:]))
     mean, std, coverage = torch.cat(means), torch.cat(stds), torch.cat(coverages)
     scaling_factor = float(1.0 / (mean + std * torch.randn(mean.shape, generator=torch.Generator().manual_seed(0))).std())
     vae.register_to_config(scaling_factor=scaling_factor)
