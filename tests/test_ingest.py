@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conceptflow.data.ingest import ingest_concept, ingested_images
+from conceptflow.data.ingest import ingest_concept, ingested_captions, ingested_images
 from conceptflow.errors import DataError
 
 
@@ -63,3 +63,29 @@ def test_non_image_file_and_empty_folder(tmp_path):
         ingest_concept(source, tmp_path / "out", 32)
     with pytest.raises(DataError, match="does not exist"):
         ingest_concept(tmp_path / "missing", tmp_path / "out", 32)
+
+
+def test_captions_beside_images_are_checked_and_kept_in_order(tmp_path):
+    source = tmp_path / "src"
+    source.mkdir()
+    photo(source / "a.jpg")
+    photo(source / "b.jpg", colour=(30, 30, 200))
+    (source / "b.txt").write_text("a <mug> on a  wooden\ntable\n")
+    manifest = ingest_concept(source, tmp_path / "out", 32, "mug")
+    assert [record["caption"] for record in manifest["images"]] == [None, "a <mug> on a wooden table"]
+    assert ingested_captions(tmp_path / "out") == [None, "a <mug> on a wooden table"]
+
+
+def test_bad_captions_name_the_file_and_keep_previous_output(tmp_path):
+    source = tmp_path / "src"
+    source.mkdir()
+    photo(source / "a.jpg")
+    ingest_concept(source, tmp_path / "out", 32, "mug")
+    (source / "a.txt").write_text("a mug on a table")  # the concept is not referenced as <mug>
+    with pytest.raises(DataError, match=r"a\.txt does not name the concept: write <mug>"):
+        ingest_concept(source, tmp_path / "out", 32, "mug")
+    (source / "a.txt").unlink()
+    (source / "z.txt").write_text("a <mug>")  # no z.jpg beside it
+    with pytest.raises(DataError, match=r"z\.txt has no image of the same name"):
+        ingest_concept(source, tmp_path / "out", 32, "mug")
+    assert ingested_captions(tmp_path / "out") == [None]

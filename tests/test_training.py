@@ -96,3 +96,24 @@ def test_saved_concept_applies_its_merged_update(tiny_pipeline, concept_images, 
     torch.testing.assert_close(
         fresh.text_encoder.get_input_embeddings().weight[fresh.tokenizer.convert_tokens_to_ids(token)],
         setup.embeddings.weight[0].detach())
+
+
+def test_captioned_images_train_with_their_caption_and_the_rest_with_templates(tiny_pipeline, concept_images):
+    from conceptflow.train.common import PROMPT_TEMPLATES, sample_batch
+
+    paths, masks = concept_images
+    captions = [None, "a <toy> on the left, on a sand background", None]
+    setup = prepare_concept_training(tiny_pipeline, "toy", "square", paths, masks, 64, seed=0, captions=captions)
+    templates = {template.format("<toy>") for template in PROMPT_TEMPLATES}
+    seen = set()
+    for step in range(12):
+        batch = sample_batch(setup, 4, torch.Generator().manual_seed(step))
+        for index, prompt in zip(batch.indices.tolist(), batch.prompts):
+            if index == 1:
+                assert prompt == captions[1]
+            else:
+                assert prompt in templates
+            seen.add(index)
+    assert seen == {0, 1, 2}
+    with pytest.raises(ValueError, match="2 captions for 3 images"):
+        prepare_concept_training(tiny_pipeline, "toy", "square", paths, masks, 64, seed=0, captions=captions[:2])

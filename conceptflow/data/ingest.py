@@ -2,7 +2,9 @@
 
 Every file in the concept's folder must decode as an image; each is EXIF-rotated, converted
 to RGB, centre-cropped to a square and resized to the training resolution, and written as
-PNG with a manifest of where it came from. Byte-identical and pixel-identical duplicates are
+PNG with a manifest of where it came from. An image may have a caption beside it (``dog3.jpg``
+and ``dog3.txt``, as kohya and Mix-of-Show datasets do) that names the concept as ``<name>``;
+it is checked and written next to the normalised image (``000.txt``). Byte-identical and pixel-identical duplicates are
 dropped (and listed). All files are checked before anything is written, and the output folder
 is swapped in atomically, so a bad file stops the concept without touching what was ingested
 before.
@@ -20,6 +22,7 @@ from conceptflow.errors import DataError
 from conceptflow.fileio import atomic_directory, file_md5, write_json_atomic
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
+CAPTION_SUFFIX = ".txt"
 IGNORED_NAMES = {".DS_Store", "Thumbs.db"}
 
 
@@ -29,6 +32,7 @@ class IngestedImage:
     source_md5: str
     output: str
     original_size: tuple[int, int]
+    caption: str | None = None
 
 
 def load_normalised_image(path: Path, resolution: int) -> Image.Image:
@@ -55,9 +59,32 @@ def list_concept_files(images_dir: Path) -> list[Path]:
     return files
 
 
-def ingest_concept(images_dir: Path, output_dir: Path, resolution: int) -> dict:
-    """Normalise the images of ``images_dir`` into ``output_dir``; return the manifest dict."""
+def read_caption(path: Path, concept_name: str) -> str:
+    """The caption in ``path``: one line that references the concept as ``<concept_name>``."""
+    try:
+        text = " ".join(path.read_text(encoding="utf-8").split())
+    except UnicodeDecodeError as error:
+        raise DataError(f"caption {path} is not UTF-8 text ({error}); save it as UTF-8 and run ingest again.") from error
+    if f"<{concept_name}>" not in text:
+        raise DataError(
+            f"caption {path} does not name the concept: write <{concept_name}> where the concept appears, "
+            f"e.g. 'a <{concept_name}> on the beach' (got {text!r}), then run ingest again."
+        )
+    return text
+
+
+def ingest_concept(images_dir: Path, output_dir: Path, resolution: int, concept_name: str | None = None) -> dict:
+    """Normalise the images of ``images_dir`` (and the captions beside them, which need
+    ``concept_name``) into ``output_dir``; return the manifest dict."""
     files = list_concept_files(images_dir)
+    caption_files = {path.stem: path for path in files if path.suffix.lower() == CAPTION_SUFFIX}
+    files = [path for path in files if path.suffix.lower() != CAPTION_SUFFIX]
+    orphans = sorted(set(caption_files) - {path.stem for path in files})
+    if orphans:
+        raise DataError(f"caption {caption_files[orphans[0]]} has no image of the same name beside it: "
+                        "rename it after its image or remove it, then run ingest again.")
+    if caption_files and concept_name is None:
+        raise DataError(f"{images_dir} holds captions but no concept name was given to check them against")
     decoded, dropped, seen_bytes, seen_pixels = [], [], {}, {}
     for path in files:
         if path.suffix.lower() not in IMAGE_SUFFIXES:
@@ -73,14 +100,17 @@ def ingest_concept(images_dir: Path, output_dir: Path, resolution: int) -> dict:
             dropped.append({"source": str(path), "duplicate_of": duplicate_of})
             continue
         seen_bytes[source_md5] = seen_pixels[pixel_hash] = str(path)
-        decoded.append((path, source_md5, image))
+        caption_file = caption_files.get(path.stem)
+        decoded.append((path, source_md5, image, read_caption(caption_file, concept_name) if caption_file else None))
 
     records = []
     with atomic_directory(output_dir) as staging:
-        for index, (path, source_md5, image) in enumerate(decoded):
+        for index, (path, source_md5, image, caption) in enumerate(decoded):
             name = f"{index:03d}.png"
             image.save(staging / name, format="PNG", optimize=False)
-            records.append(IngestedImage(str(path), source_md5, name, image.size).__dict__)
+            if caption is not None:
+                (staging / name).with_suffix(CAPTION_SUFFIX).write_text(caption + "\n", encoding="utf-8")
+            records.append(IngestedImage(str(path), source_md5, name, image.size, caption).__dict__)
         manifest = {"resolution": resolution, "images": records, "dropped_duplicates": dropped}
         write_json_atomic(staging / "ingest.json", manifest)
     return manifest
@@ -92,3 +122,12 @@ def ingested_images(images_dir: Path) -> list[Path]:
     if not paths:
         raise DataError(f"no ingested images in {images_dir}: run `conceptflow ingest` first")
     return paths
+
+
+def ingested_captions(images_dir: Path) -> list[str | None]:
+    """Each ingested image's caption (``None`` where it has none), in ``ingested_images`` order."""
+    captions = []
+    for path in ingested_images(images_dir):
+        caption_path = path.with_suffix(CAPTION_SUFFIX)
+        captions.append(caption_path.read_text(encoding="utf-8").strip() if caption_path.is_file() else None)
+    return captions

@@ -23,10 +23,12 @@ def ingest(catalog: Catalog, concept_name: str, force: bool = False):
     source_dir = catalog.images_dir(concept)
 
     def produce(staging):
-        manifest = ingest_concept(source_dir, staging, catalog.resolution)
+        manifest = ingest_concept(source_dir, staging, catalog.resolution, concept_name)
         return {
             "params": {"resolution": catalog.resolution, "source": str(concept.images)},
-            "metrics": {"images": len(manifest["images"]), "dropped_duplicates": len(manifest["dropped_duplicates"])},
+            "metrics": {"images": len(manifest["images"]),
+                        "captions": sum(record["caption"] is not None for record in manifest["images"]),
+                        "dropped_duplicates": len(manifest["dropped_duplicates"])},
         }
 
     return run_stage("ingest", concept_name, Layout(catalog).images(concept_name),

@@ -9,7 +9,7 @@ import torch
 
 from conceptflow.adapters.concept_io import save_adapter
 from conceptflow.config import Catalog, config_hash
-from conceptflow.data.ingest import ingested_images
+from conceptflow.data.ingest import ingested_captions, ingested_images
 from conceptflow.layout import Layout
 from conceptflow.models.loading import load_base_pipeline, model_fingerprint
 from conceptflow.plots import save_curve
@@ -45,7 +45,8 @@ def train(catalog: Catalog, concept_name: str, force: bool = False, stop_after: 
         pipeline = load_base_pipeline(catalog.base_model_source, catalog.device, catalog.dtype)
         setup = prepare_concept_training(
             pipeline, concept_name, concept.class_word, ingested_images(layout.images(concept_name)),
-            ingested_images(layout.masks(concept_name)), catalog.resolution, catalog.seed)
+            ingested_images(layout.masks(concept_name)), catalog.resolution, catalog.seed,
+            ingested_captions(layout.images(concept_name)))
         method = build_method(setup, config, catalog)
         history = run_training(method, config.steps, catalog.seed, layout.checkpoints(concept_name), run_key,
                                config.checkpoint_every, config.log_every, description=f"train {concept_name}",

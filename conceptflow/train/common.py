@@ -24,7 +24,8 @@ from conceptflow.adapters.tokens import (
 )
 from conceptflow.attention.processor import AttentionController, install_attention_controller
 
-# Mix-of-Show/DreamBooth-style caption templates; "{}" is the concept reference "<name>".
+# Mix-of-Show/DreamBooth-style caption templates; "{}" is the concept reference "<name>". An
+# image with its own caption (``000.txt`` from ingest) is trained with that caption instead.
 PROMPT_TEMPLATES = (
     "a photo of a {}",
     "a photo of the {}",
@@ -49,6 +50,13 @@ class ConceptTrainingSetup:
     full_masks: torch.Tensor  # (N, 1, H, W) at image size
     pixel_images: list[Image.Image]
     noise_scheduler: object
+    captions: list[str | None] | None = None  # per image; None: the templates
+
+    def prompt(self, index: int, template_id: int) -> str:
+        """The training prompt of image ``index``: its caption, else template ``template_id``."""
+        if self.captions and self.captions[index] is not None:
+            return self.captions[index]
+        return PROMPT_TEMPLATES[template_id].format(f"<{self.concept_name}>")
 
     @property
     def unet(self):
@@ -89,7 +97,8 @@ def encode_latents(vae, pixels: torch.Tensor) -> torch.Tensor:
 
 
 def prepare_concept_training(pipeline, concept_name: str, class_word: str, image_paths: list[Path],
-                             mask_paths: list[Path] | None, resolution: int, seed: int) -> ConceptTrainingSetup:
+                             mask_paths: list[Path] | None, resolution: int, seed: int,
+                             captions: list[str | None] | None = None) -> ConceptTrainingSetup:
     from diffusers import DDPMScheduler
 
     controller = install_attention_controller(pipeline.unet)
@@ -99,6 +108,8 @@ def prepare_concept_training(pipeline, concept_name: str, class_word: str, image
     initial = initial_embeddings(pipeline.tokenizer, pipeline.text_encoder, class_word, n_layers, generator)
     embeddings = ConceptEmbeddings(token_ids, initial).to(pipeline.text_encoder.device).attach(pipeline.text_encoder)
 
+    if captions is not None and len(captions) != len(image_paths):
+        raise ValueError(f"{len(captions)} captions for {len(image_paths)} images of {concept_name}")
     pixels, full_masks, images = load_training_images(image_paths, mask_paths, resolution)
     latents = encode_latents(pipeline.vae, pixels)
     latent_masks = F.interpolate(full_masks, size=latents.shape[-2:], mode="bilinear", align_corners=False)
@@ -117,6 +128,7 @@ def prepare_concept_training(pipeline, concept_name: str, class_word: str, image
         full_masks=full_masks,
         pixel_images=images,
         noise_scheduler=DDPMScheduler.from_config(pipeline.scheduler.config),
+        captions=list(captions) if captions is not None else None,
     )
 
 
@@ -139,7 +151,7 @@ def sample_batch(setup: ConceptTrainingSetup, batch_size: int, generator: torch.
     noise = torch.randn(latents.shape, generator=generator).to(latents)
     timesteps = torch.randint(0, setup.noise_scheduler.config.num_train_timesteps, (batch_size,), generator=generator)
     template_ids = torch.randint(0, len(PROMPT_TEMPLATES), (batch_size,), generator=generator)
-    prompts = [PROMPT_TEMPLATES[int(i)].format(f"<{setup.concept_name}>") for i in template_ids]
+    prompts = [setup.prompt(int(index), int(template)) for index, template in zip(indices, template_ids)]
     noisy = setup.noise_scheduler.add_noise(latents, noise, timesteps.to(latents.device))
     return NoisedBatch(indices, latents, noisy, noise, timesteps.to(latents.device), setup.masks[indices], prompts)
 
