@@ -108,6 +108,13 @@ def test_concept_views_vary_placement_but_keep_the_look():
     backgrounds = {v.scene.background for v in views}
     assert len(centers) == 5 and len(radii) == 5 and len(backgrounds) >= 2
     assert all(v.scene.objects[0].look == concept.look for v in views)
+    # every slot and size is used, and each caption says where, how big and on what
+    assert {v.scene.objects[0].position for v in views} == {"left", "center", "right"}
+    assert {v.scene.objects[0].size for v in views} == {"small", "big"}
+    for view in views:
+        obj = view.scene.objects[0]
+        assert view.caption == (f"a {obj.size} <zigzag_star> {POSITION_PHRASES[obj.position]}, "
+                                f"on {view.scene.background.phrase}")
     # the object's own pixels use the look's two colours (up to anti-aliasing at the edges)
     for view in views:
         pixels = np.asarray(view.image).astype(np.float32)[view.masks[0]]
@@ -155,6 +162,7 @@ def test_default_catalog_concepts_are_the_generators_renders():
         for file, view in zip(files, views):
             with Image.open(file) as image:
                 assert np.array_equal(np.asarray(image.convert("RGB")), np.asarray(view.image))
+            assert file.with_suffix(".txt").read_text().strip() == view.caption
 
 
 def test_two_object_scenes_take_both_sides_and_three_objects_are_small():

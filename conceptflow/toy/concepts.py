@@ -3,8 +3,10 @@
 A concept is a fixed ``Look`` (a two- or three-tone fill such as a zig-zag, or a composite such
 as a ring around a cross) with a class word the vocabulary knows ("star"). Several concepts
 share a class, so a personalised model must tell similar instances apart. ``write_toy_catalog``
-renders each concept at varied positions, sizes and backgrounds into the folder layout and
-mapping-form ``catalog.yaml`` the pipeline ingests like any photo catalog.
+renders each concept at the world's positions and sizes on varied backgrounds, each image with
+a caption in the base's own words ("a big <zigzag_star> on the left, on a sand background"),
+into the folder layout and mapping-form ``catalog.yaml`` the pipeline ingests like any photo
+catalog.
 """
 
 from __future__ import annotations
@@ -20,8 +22,13 @@ from conceptflow.toy.world import (
     BACKGROUNDS,
     CONCEPT_FILLS,
     IMAGE_SIZE,
+    JITTER_X,
+    JITTER_Y,
     MIN_CONTRAST,
+    POSITION_PHRASES,
+    POSITIONS,
     SHAPES,
+    SIZES,
     Background,
     Look,
     RenderedScene,
@@ -83,11 +90,27 @@ def place_look(look: Look, shape: str, rng: np.random.Generator, concept: str | 
     return Scene(background=_readable_background(look, rng), objects=(obj,))
 
 
+def concept_view(concept: ToyConcept, size: str, slot: str, rng: np.random.Generator) -> RenderedScene:
+    """One view of ``concept`` where the world puts a ``size`` object at ``slot``, on a random
+    readable background, captioned as the base's captions are with ``<name>`` for the object:
+    "a big <zigzag_star> on the left, on a sand background"."""
+    center = (POSITIONS[slot] + float(rng.uniform(-JITTER_X, JITTER_X)),
+              32.0 + float(rng.uniform(-JITTER_Y, JITTER_Y)))
+    obj = SceneObject(look=concept.look, center=center, radius=float(rng.uniform(*SIZES[size])),
+                      shape=concept.class_word, size=size, position=slot, concept=concept.name)
+    background = _readable_background(concept.look, rng)
+    text = f"a {size} <{concept.name}> {POSITION_PHRASES[slot]}, on {background.phrase}"
+    return render(Scene(background=background, objects=(obj,)), text)
+
+
 def render_concept_images(concept: ToyConcept, count: int = 5, seed: int = 0) -> list[RenderedScene]:
-    """``count`` views of one instance: same look, varied position, size and background."""
+    """``count`` captioned views of one instance: same look; positions, sizes and backgrounds
+    vary over the world's slots (each slot and size is used before any repeats)."""
     rng = np.random.default_rng([seed, *concept.name.encode()])
-    return [render(place_look(concept.look, concept.class_word, rng, concept.name), f"a {concept.class_word}")
-            for _ in range(count)]
+    slots, sizes = list(POSITIONS), list(SIZES)
+    slot_offset, size_offset = int(rng.integers(len(slots))), int(rng.integers(len(sizes)))
+    return [concept_view(concept, sizes[(i + size_offset) % len(sizes)], slots[(i + slot_offset) % len(slots)], rng)
+            for i in range(count)]
 
 
 def random_look(rng: np.random.Generator) -> Look:
@@ -102,15 +125,31 @@ def random_look(rng: np.random.Generator) -> Look:
     return Look(parts=parts, fill=fill, colours=colours)
 
 
+def with_unnamed_instances(scene: Scene, rng: np.random.Generator, probability: float) -> Scene:
+    """``scene`` with each object, with ``probability``, redrawn as a random unnamed instance of
+    its shape (``random_look``) in the same place: the class word then stands for many looks, as
+    "a dog" does for a real base, and the VAE learns to carry multi-tone fills."""
+    objects = []
+    for obj in scene.objects:
+        if rng.random() < probability:
+            look = random_look(rng)
+            obj = SceneObject(look=look, center=obj.center, radius=obj.radius, shape=look.parts[0][0],
+                              size=obj.size, position=obj.position)
+        objects.append(obj)
+    return Scene(scene.background, tuple(objects))
+
+
 def write_concept_images(folder: str | Path, name: str, count: int = 5, seed: int = 0) -> list[Path]:
-    """Render ``count`` views of toy concept ``name`` as ``folder/NN.png`` (the default catalog's
-    ``assets/toy-concepts/<name>`` were written by this with the defaults)."""
+    """Render ``count`` views of toy concept ``name`` as ``folder/NN.png`` with their captions
+    in ``folder/NN.txt`` (the default catalog's ``assets/toy-concepts/<name>`` were written by
+    this with the defaults)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for index, view in enumerate(render_concept_images(TOY_CONCEPTS[name], count, seed)):
         paths.append(folder / f"{index:02d}.png")
         view.image.save(paths[-1])
+        paths[-1].with_suffix(".txt").write_text(view.caption + "\n", encoding="utf-8")
     return paths
 
 

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageFilter
 from torch import nn
 
-from conceptflow.toy.concepts import place_look, random_look
+from conceptflow.toy.concepts import place_look, random_look, with_unnamed_instances
 from conceptflow.toy.world import (
     COLOURS,
     POSITIONS,
@@ -257,18 +257,6 @@ def augment(image: Image.Image, rng: np.random.Generator) -> Image.Image:
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
 
 
-def _exotic_scene(rng: np.random.Generator) -> Scene:
-    """A scene mixing random unnamed instances with vocabulary objects, in distinct slots."""
-    base = sample_scene(rng)
-    objects = []
-    for obj in base.objects:
-        if rng.random() < 0.5:
-            look = random_look(rng)
-            obj = SceneObject(look=look, center=obj.center, radius=obj.radius, shape=look.parts[0][0])
-        objects.append(obj)
-    return Scene(base.background, tuple(objects))
-
-
 def recogniser_batch(rng: np.random.Generator, batch_size: int):
     """(pixels, pair targets, colour-label mask, shape targets, colour targets, counts) from fresh
     scenes; scenes with unnamed instances have no pair or colour labels (mask 0)."""
@@ -278,7 +266,7 @@ def recogniser_batch(rng: np.random.Generator, batch_size: int):
         if draw < 0.05:
             scene = Scene(sample_scene(rng).background, ())
         elif draw < 0.35:
-            scene = _exotic_scene(rng)
+            scene = with_unnamed_instances(sample_scene(rng), rng, 0.5)  # mixed with vocabulary objects
         else:
             scene = sample_scene(rng)
         images.append(augment(render(scene).image, rng))
