@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from conceptflow.adapters.tokens import class_word_prompt
 from conceptflow.stages.chain import make_combination
 from conceptflow.stages.generate import generated_images
 from conceptflow.toy.concepts import TOY_CONCEPTS, render_concept_images, write_toy_catalog
@@ -117,11 +118,15 @@ def personalisation(args, workdir: Path, identity, recogniser, rows: list) -> No
     similar = [v.image for v in render_concept_images(TOY_CONCEPTS[SIMILAR_CONCEPT], 5)]
 
     started = time.perf_counter()
-    tuned = images_only(generated_images(make_combination(catalog, PERSONAL_CONCEPT, "fused")))
-    base = sample_base(load_base_pipeline(str(args.base)), ["a star"] * len(tuned), 0, args.steps, args.guidance)
+    tuned_pairs = generated_images(make_combination(catalog, PERSONAL_CONCEPT, "fused"))
+    tuned = images_only(tuned_pairs)
+    # the base gets the same prompts with the class word in place of the concept ("a star on the left, ...")
+    class_words = {PERSONAL_CONCEPT: TOY_CONCEPTS[PERSONAL_CONCEPT].class_word}
+    base = sample_base(load_base_pipeline(str(args.base)), [class_word_prompt(p, class_words) for _, p in tuned_pairs],
+                       0, args.steps, args.guidance)
     rows += [
         (f"identity to <{PERSONAL_CONCEPT}>: fine-tuned", identity_similarity(identity, tuned, references), None),
-        (f"identity to <{PERSONAL_CONCEPT}>: base, 'a star'", identity_similarity(identity, base, references), None),
+        (f"identity to <{PERSONAL_CONCEPT}>: base, class word", identity_similarity(identity, base, references), None),
         (f"identity of fine-tuned to similar <{SIMILAR_CONCEPT}>", identity_similarity(identity, tuned, similar),
          None),
         ("identity between the concept's own reference views",

@@ -82,4 +82,4 @@ def test_fine_tuning_a_toy_concept_raises_its_identity_above_the_base_class_word
     references = [view.image for view in render_concept_images(TOY_CONCEPTS[name], 5)]
     tuned_score = identity_similarity(identity, tuned, references)
     base_score = identity_similarity(identity, base, references)
-    assert tuned_score > base_score + 0.05, (tuned_score, base_score)  # measured: -0.10 vs -0.21
+    assert tuned_score > base_score + 0.3, (tuned_score, base_score)  # measured: 0.65 vs 0.03

@@ -37,6 +37,29 @@ def test_batches_are_a_function_of_seed_stage_and_step():
     assert first_pixels.shape == (3, 3, 64, 64) and -1 <= first_pixels.min() and first_pixels.max() <= 1
 
 
+def test_unnamed_instances_are_captioned_by_their_shape_alone():
+    import numpy as np
+
+    from conceptflow.toy.pretrain import pretraining_scene
+    from conceptflow.toy.world import caption
+
+    config = PretrainConfig(unnamed_instance_probability=0.5, caption_drop_probability=0.0)
+    rng = np.random.default_rng(3)
+    objects = [obj for _ in range(60) for obj in pretraining_scene(config, rng).objects]
+    unnamed = [obj for obj in objects if obj.colour is None]
+    assert 0.3 < len(unnamed) / len(objects) < 0.7
+    assert all(len(set(obj.look.colours)) >= 2 and obj.size and obj.position for obj in unnamed)
+    for _ in range(20):
+        scene = pretraining_scene(config, rng)
+        text = caption(scene)
+        for obj in scene.objects:
+            # "a big star on the left": shape, size and place, and no colour word for an unnamed one
+            expected = f"{obj.size} {obj.shape}" if obj.colour is None else f"{obj.size} {obj.colour}"
+            assert expected in text
+    plain = PretrainConfig(unnamed_instance_probability=0.0)
+    assert all(obj.colour for _ in range(20) for obj in pretraining_scene(plain, rng).objects)
+
+
 def _fit(parameters, loss_fn, steps: int, lr: float) -> tuple[float, float]:
     optimizer = torch.optim.Adam(parameters, lr=lr)
     losses = []

@@ -34,7 +34,8 @@ import torch.nn.functional as F
 
 from conceptflow.models.embedded import TinySDSize, build_tiny_sd_pipeline
 from conceptflow.models.tokenizer import build_clip_tokenizer
-from conceptflow.toy.world import IMAGE_SIZE, caption, render, sample_scene
+from conceptflow.toy.concepts import with_unnamed_instances
+from conceptflow.toy.world import IMAGE_SIZE, Scene, caption, render, sample_scene
 
 TOY_SIZE = TinySDSize(
     unet_channels=(32, 64, 128),  # 16x16, 8x8, 4x4: a third level costs ~25 % more than two and holds 4x the weights
@@ -77,6 +78,11 @@ class PretrainConfig:
     # The saved weights are an exponential moving average of the trained ones (diffusers'
     # EMAModel, (1 + n) / (10 + n) warm-up capped at this decay); 0 saves the raw weights.
     ema_decay: float = 0.999
+    # Each object is, with this probability, an unnamed instance (a random multi-tone look of its
+    # shape) captioned by its shape alone: "a star" then covers many stars, as a real base's class
+    # word does, and the VAE learns to carry the two- and three-tone fills concepts have (a VAE
+    # trained on vocabulary looks only turned a yellow/purple zig-zag star into orange blobs).
+    unnamed_instance_probability: float = 0.25
     caption_drop_probability: float = 0.25  # each optional caption word group left out
     unconditional_probability: float = 0.1
     checkpoint_every: int = 250
@@ -107,11 +113,18 @@ def to_pixels(images) -> torch.Tensor:
     return torch.from_numpy(arrays).permute(0, 3, 1, 2) / 127.5 - 1.0
 
 
+def pretraining_scene(config: PretrainConfig, rng: np.random.Generator) -> Scene:
+    scene = sample_scene(rng)
+    if config.unnamed_instance_probability > 0:
+        scene = with_unnamed_instances(scene, rng, config.unnamed_instance_probability)
+    return scene
+
+
 def scene_batch(config: PretrainConfig, stage: int, step: int, batch_size: int, with_masks: bool = False):
     """(pixels, captions[, object masks (N, 1, H, W)]) of step ``step`` of ``stage``: the same
     arguments give the same batch."""
     rng = _rng(config, stage, step)
-    scenes = [sample_scene(rng) for _ in range(batch_size)]
+    scenes = [pretraining_scene(config, rng) for _ in range(batch_size)]
     captions = [caption(s, rng, config.caption_drop_probability) for s in scenes]
     drawn = [render(s) for s in scenes]
     pixels = to_pixels([d.image for d in drawn])
@@ -234,7 +247,7 @@ def encode_scene_bank(vae, config: PretrainConfig, checkpoints: Path) -> dict:
     """Encode ``latent_scenes`` scenes once (posterior mean and std) and set the VAE's
     ``scaling_factor`` to 1 / std of the latents; cached in ``checkpoints/latents.pt``."""
     rng = _rng(config, 2, 0)
-    scenes = [sample_scene(rng) for _ in range(config.latent_scenes)]  # seeded: rebuilt, never unpickled
+    scenes = [pretraining_scene(config, rng) for _ in range(config.latent_scenes)]  # seeded: rebuilt, never unpickled
     cached = _load(checkpoints / "latents.pt")
     if cached:
         vae.register_to_config(scaling_factor=cached["scaling_factor"])
@@ -412,6 +425,8 @@ def write_model_card(out_dir: Path, config: PretrainConfig, result: PretrainResu
         f"- Stage 1, VAE: batch {config.vae_batch_size}, AdamW lr {config.vae_lr}, L1 + MSE + "
         f"{config.vae_kl_weight} x KL, object pixels weighted x{1 + config.vae_foreground_weight:g} from step "
         f"{config.vae_foreground_start}; final loss {result.final_vae_loss}.",
+        f"- Data for both stages: each object is, with probability {config.unnamed_instance_probability}, an "
+        "unnamed instance (a random two- or three-tone look of its shape) captioned by its shape alone.",
         f"- Scaling factor 1/std of {config.latent_scenes} encoded scene latents.",
         f"- Stage 2, text encoder + UNet: batch {config.batch_size}, AdamW lr {config.unet_lr} (UNet) / "
         f"{config.text_lr} (text), {config.warmup_steps} warm-up steps then cosine to "
