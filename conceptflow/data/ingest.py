@@ -4,8 +4,8 @@ Every file in the concept's folder must decode as an image; each is EXIF-rotated
 to RGB, centre-cropped to a square and resized to the training resolution, and written as
 PNG with a manifest of where it came from. An image may have a caption beside it (``dog3.jpg``
 and ``dog3.txt``, as kohya and Mix-of-Show datasets do) that names the concept as ``<name>``;
-it is checked and written next to the normalised image (``000.txt``). Byte-identical and pixel-identical duplicates are
-dropped (and listed). All files are checked before anything is written, and the output folder
+it is checked and written next to the normalised image (``000.txt``). Byte-identical and
+pixel-identical duplicates are dropped (and listed). All files are checked before anything is written, and the output folder
 is swapped in atomically, so a bad file stops the concept without touching what was ingested
 before.
 """
