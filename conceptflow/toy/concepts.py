@@ -41,6 +41,10 @@ CONCEPT_RADIUS = (9.0, 13.0)
 # Concept-token learning rate on the toy base: 10x Mix-of-Show's 1e-3. With 1e-3, 100 ED-LoRA steps
 # raised <zigzag_star>'s identity by 0.17 over the base's "a star"; with 1e-2 by 0.51 (one seed each).
 TOY_EMBEDDING_LR = 1e-2
+# ConceptFlow-M's layout-guidance step size on the toy base: the paper's 10 (for SD's 64x64 latents)
+# pushed objects out of the 16x16 latents. Omission on 2 prompts x 4 seeds, plain fused 0.25:
+# step 10 -> 0.50, 5 -> 0.375, 3 -> 0.25, 2 -> 0.1875, 1 -> 0.1875.
+TOY_LAYOUT_STEP_SIZE = 2.0
 
 
 @dataclass(frozen=True)
@@ -203,6 +207,7 @@ def write_toy_catalog(folder: str | Path, concept_names: Sequence[str] | None = 
         "seed": seed,
         "concepts": concepts_yaml,
         "combinations": combinations_yaml,
+        "generate": {"conceptflow_m": {"layout_step_size": TOY_LAYOUT_STEP_SIZE}},
     }
     path = folder / "catalog.yaml"
     path.write_text("# Toy-world concepts written by conceptflow.toy.concepts.write_toy_catalog\n"
