@@ -73,7 +73,7 @@ def test_captions_beside_images_are_checked_and_kept_in_order(tmp_path):
     (source / "b.txt").write_text("a <mug> on a  wooden\ntable\n")
     manifest = ingest_concept(source, tmp_path / "out", 32, "mug")
     assert [record["caption"] for record in manifest["images"]] == [None, "a <mug> on a wooden table"]
-    assert ingested_captions(tmp_path / "out") == [None, "a <mug> on a wooden table"]
+    assert ingested_captions(ingested_images(tmp_path / "out")) == [None, "a <mug> on a wooden table"]
 
 
 def test_bad_captions_name_the_file_and_keep_previous_output(tmp_path):
@@ -88,4 +88,4 @@ def test_bad_captions_name_the_file_and_keep_previous_output(tmp_path):
     (source / "z.txt").write_text("a <mug>")  # no z.jpg beside it
     with pytest.raises(DataError, match=r"z\.txt has no image of the same name"):
         ingest_concept(source, tmp_path / "out", 32, "mug")
-    assert ingested_captions(tmp_path / "out") == [None]
+    assert ingested_captions(ingested_images(tmp_path / "out")) == [None]

@@ -124,10 +124,7 @@ def ingested_images(images_dir: Path) -> list[Path]:
     return paths
 
 
-def ingested_captions(images_dir: Path) -> list[str | None]:
-    """Each ingested image's caption (``None`` where it has none), in ``ingested_images`` order."""
-    captions = []
-    for path in ingested_images(images_dir):
-        caption_path = path.with_suffix(CAPTION_SUFFIX)
-        captions.append(caption_path.read_text(encoding="utf-8").strip() if caption_path.is_file() else None)
-    return captions
+def ingested_captions(image_paths: list[Path]) -> list[str | None]:
+    """The caption beside each of ``image_paths`` (from ``ingested_images``), ``None`` where there is none."""
+    caption_paths = [path.with_suffix(CAPTION_SUFFIX) for path in image_paths]
+    return [path.read_text(encoding="utf-8").strip() if path.is_file() else None for path in caption_paths]

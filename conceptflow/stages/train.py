@@ -43,10 +43,10 @@ def train(catalog: Catalog, concept_name: str, force: bool = False, stop_after: 
     def produce(staging):
         torch.manual_seed(catalog.seed)
         pipeline = load_base_pipeline(catalog.base_model_source, catalog.device, catalog.dtype)
+        image_paths = ingested_images(layout.images(concept_name))
         setup = prepare_concept_training(
-            pipeline, concept_name, concept.class_word, ingested_images(layout.images(concept_name)),
-            ingested_images(layout.masks(concept_name)), catalog.resolution, catalog.seed,
-            ingested_captions(layout.images(concept_name)))
+            pipeline, concept_name, concept.class_word, image_paths, ingested_images(layout.masks(concept_name)),
+            catalog.resolution, catalog.seed, ingested_captions(image_paths))
         method = build_method(setup, config, catalog)
         history = run_training(method, config.steps, catalog.seed, layout.checkpoints(concept_name), run_key,
                                config.checkpoint_every, config.log_every, description=f"train {concept_name}",
