@@ -21,19 +21,31 @@ CHUNK = 1 << 20
 
 
 @contextmanager
-def atomic_path(destination: Path, suffix: str = "") -> Iterator[Path]:
-    """Yield a temporary path beside ``destination``; rename it into place on success."""
+def atomic_path(destination: Path, suffix: str = "", keep_name: bool = False) -> Iterator[Path]:
+    """Yield a temporary path beside ``destination``; rename it into place on success.
+
+    ``keep_name``: the temporary file has ``destination``'s own name, inside a hidden staging
+    folder beside it, for writers that record the file name in the file (``torch.save`` names
+    its zip archive's top folder after the file's stem).
+    """
     destination = Path(destination)
     destination.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{destination.name}.", suffix=suffix or destination.suffix,
-                                         dir=destination.parent)
-    os.close(handle)
-    temporary_path = Path(temporary)
+    staging = None
+    if keep_name:
+        staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", dir=destination.parent))
+        temporary = staging / destination.name
+    else:
+        handle, name = tempfile.mkstemp(prefix=f".{destination.name}.", suffix=suffix or destination.suffix,
+                                        dir=destination.parent)
+        os.close(handle)
+        temporary = Path(name)
     try:
-        yield temporary_path
-        os.replace(temporary_path, destination)
+        yield temporary
+        os.replace(temporary, destination)
     finally:
-        temporary_path.unlink(missing_ok=True)
+        temporary.unlink(missing_ok=True)
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 def write_text_atomic(destination: Path, text: str) -> Path:
@@ -47,25 +59,34 @@ def write_json_atomic(destination: Path, payload) -> Path:
 
 
 @contextmanager
-def atomic_directory(destination: Path) -> Iterator[Path]:
-    """Yield a temporary folder beside ``destination``; swap it into place on success."""
+def atomic_directory(destination: Path, keep_existing: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder beside ``destination``; swap it into place on success.
+
+    ``keep_existing``: a ``destination`` that exists when the build finishes (a concurrent
+    builder finished first) is kept and this build is discarded, instead of replacing it.
+    """
     destination = Path(destination)
     destination.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", dir=destination.parent))
     try:
         yield staging
-        if destination.exists():
+        if not destination.exists():
+            try:
+                os.replace(staging, destination)
+            except OSError:  # another builder's folder arrived in between
+                if not (keep_existing and destination.exists()):
+                    raise
+        elif not keep_existing:
             retired = Path(tempfile.mkdtemp(prefix=f".{destination.name}.old.", dir=destination.parent))
             os.replace(destination, retired / "old")
             os.replace(staging, destination)
             shutil.rmtree(retired, ignore_errors=True)
-        else:
-            os.replace(staging, destination)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def file_md5(path: Path) -> str:
+def file_md5(path: str | Path) -> str:
+    """The md5 of a file's bytes (the digest DVC records), read in chunks."""
     digest = hashlib.md5()
     with open(path, "rb") as handle:
         for chunk in iter(lambda: handle.read(CHUNK), b""):

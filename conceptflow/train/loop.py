@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from conceptflow.fileio import atomic_path, write_json_atomic
+from conceptflow.seeding import step_generator
 
 CHECKPOINT_DIR = "checkpoint"
 
@@ -30,10 +31,6 @@ class TrainingMethod(Protocol):
     def trainable_state(self) -> dict[str, torch.Tensor]: ...
 
     def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None: ...
-
-
-def step_generator(seed: int, step: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed * 1_000_003 + step)
 
 
 def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:

@@ -8,12 +8,12 @@ denoising loss and the attention regularisation to the subject; lineage records
 
 from __future__ import annotations
 
-import hashlib
 from abc import ABC, abstractmethod
-from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from conceptflow.fileio import file_md5  # noqa: F401  (backends record checkpoint md5s with it)
 
 
 class MaskBackend(ABC):
@@ -42,11 +42,3 @@ def check_mask(mask: np.ndarray, image: Image.Image) -> np.ndarray:
         raise ValueError(f"mask shape {mask.shape} does not match image size {(height, width)}")
     return np.clip(mask.astype(np.float32), 0.0, 1.0)
 
-
-def file_md5(path: str | Path, chunk_bytes: int = 1 << 22) -> str:
-    """The md5 of a checkpoint file (the same digest DVC records), read in chunks."""
-    digest = hashlib.md5()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(chunk_bytes):
-            digest.update(chunk)
-    return digest.hexdigest()
