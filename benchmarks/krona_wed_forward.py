@@ -19,7 +19,7 @@ import time
 import torch
 from torch import nn
 
-from conceptflow.adapters.krona_wed import KronaWEDLinear
+from conceptflow.methods.conceptflow_s.krona_wed import KronaWEDLinear
 
 # (label, out, in, tokens): tokens = batch × latent pixels (self-attention) or × 77 (K/V).
 CASES = [

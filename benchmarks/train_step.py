@@ -42,7 +42,7 @@ from diffusers.models.attention_processor import Attention  # noqa: E402
 from peft import LoraConfig, inject_adapter_in_model  # noqa: E402
 from torch import nn  # noqa: E402
 
-from conceptflow.adapters.krona_wed import inject_krona_wed  # noqa: E402
+from conceptflow.methods.conceptflow_s.krona_wed import inject_krona_wed  # noqa: E402
 from conceptflow.models.embedded import embedded_model_path  # noqa: E402
 
 ATTENTION_LINEARS = ["to_q", "to_k", "to_v", "to_out.0"]

@@ -196,7 +196,7 @@ def pretrain_toy(out: Path = typer.Option(Path("assets/toy-base"), help="destina
 def export_lycoris(adapter: Path = typer.Argument(..., help="a trained conceptflow_s concept folder"),
                    output: Path = typer.Argument(..., help="destination .safetensors (LyCORIS/kohya keys)")):
     """Write a KronA-WED concept as a LyCORIS LoKr (dora_wd) file for ComfyUI/A1111/kohya."""
-    from conceptflow.adapters.lycoris_io import export_concept_folder
+    from conceptflow.methods.conceptflow_s.lycoris import export_concept_folder
 
     export_concept_folder(adapter, output)
     typer.echo(f"wrote {output}")

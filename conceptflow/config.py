@@ -8,77 +8,40 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from pathlib import Path
 from typing import Annotated, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from conceptflow.errors import CatalogError
+from conceptflow.methods import METHODS
+from conceptflow.methods.conceptflow_s.config import ConceptFlowSTrainConfig
+from conceptflow.methods.edlora.config import LoRATrainConfig
+from conceptflow.sample.conceptflow_m.config import ConceptFlowMConfig
+from conceptflow.schema import CONCEPT_NAME, CONCEPT_REFERENCE, StrictModel
 
-CONCEPT_NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
-CONCEPT_REFERENCE = re.compile(r"<([a-z][a-z0-9_]{0,31})>")
+__all__ = ["CONCEPT_NAME", "CONCEPT_REFERENCE", "Catalog", "Combination", "Concept", "ConceptFlowSTrainConfig",
+           "LoRATrainConfig", "TrainConfig", "config_hash", "load_catalog"]
+
 EMBEDDED_BASE = "embedded:tiny-sd"
 
 
-class StrictModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+def _train_config_union():
+    """The discriminated union of every registered method's settings (``train.method`` picks one)."""
+    configs = tuple(spec.config for spec in METHODS.values())
+    return Annotated[Union[configs], Field(discriminator="method")] if len(configs) > 1 else configs[0]
 
 
-class LoRATrainConfig(StrictModel):
-    """ED-LoRA (Mix-of-Show): layer-wise concept tokens + LoRA on text encoder and UNet attention."""
-
-    method: Literal["edlora"] = "edlora"
-    steps: int = Field(200, ge=1, description="optimisation steps")
-    batch_size: int = Field(2, ge=1)
-    rank: int = Field(4, ge=1, description="LoRA rank (Mix-of-Show: 4)")
-    alpha: float = Field(1.0, description="LoRA output multiplier: out = Wx + alpha*up(down(x))")
-    lr_embeddings: float = 1e-3
-    lr_text_encoder: float = 1e-5
-    lr_unet: float = 1e-4
-    embedding_norm_limit: float = Field(
-        0.55, description="stop updating the token embeddings once their mean norm reaches this"
-    )
-    train_text_encoder: bool = True
-    masked_loss: bool = Field(True, description="restrict the denoising loss to the foreground mask")
-    checkpoint_every: int = Field(50, ge=1)
-    log_every: int = Field(10, ge=1)
-
-
-class ConceptFlowSTrainConfig(StrictModel):
-    """ConceptFlow-S: KronA-WED adapter, disentangled learning, attention regularisation."""
-
-    method: Literal["conceptflow_s"] = "conceptflow_s"
-    steps: int = Field(200, ge=1)
-    batch_size: int = Field(2, ge=1)
-    kron_factor: int = Field(16, ge=1, description="LyCORIS factorization(dim, factor)")
-    lr_embeddings: float = 1e-3
-    lr_adapter: float = 5e-4
-    lr_image_adapter: float = 1e-3
-    embedding_norm_limit: float = 0.55
-    weight_text_only: float = Field(0.001, description="weight of L_denoise(text only)")
-    weight_disentangle: float = Field(0.001, description="weight of cos(text, image) features")
-    weight_attention: float = Field(0.001, description="lambda_attn of Eq. 5")
-    attention_loss_reduction: Literal["mean", "sum"] = Field(
-        "mean", description="Eq. 5 norms: 'sum' = squared Frobenius norm as written; 'mean' = per-pixel MSE "
-        "(Break-a-Scene/Mix-of-Show), so lambda_attn does not scale with the latent size")
-    image_encoder: str = Field(
-        "embedded:tiny-clip", description="CLIP vision encoder: hub id, local folder, or embedded:"
-    )
-    masked_loss: bool = True
-    checkpoint_every: int = Field(50, ge=1)
-    log_every: int = Field(10, ge=1)
-
-
-TrainConfig = Annotated[Union[LoRATrainConfig, ConceptFlowSTrainConfig], Field(discriminator="method")]
+TrainConfig = _train_config_union()
 
 
 class Concept(StrictModel):
     name: str = Field(description="lower-case identifier; referenced in prompts as <name>")
     class_word: str = Field(description="the concept's class, e.g. 'dog'")
     images: Path = Field(description="folder of 3-5 photos of the concept (relative to the catalog)")
-    train: TrainConfig = Field(default_factory=LoRATrainConfig)
+    train: TrainConfig = Field(default_factory=LoRATrainConfig, description="the training method and its settings; "
+                               "method: one of conceptflow.methods.METHODS")
 
     @field_validator("name")
     @classmethod
@@ -123,28 +86,6 @@ class MaskConfig(StrictModel):
     )
     box_threshold: float = 0.35
     text_threshold: float = 0.25
-
-
-class ConceptFlowMConfig(StrictModel):
-    """ConceptFlow-M sampling (§4.2, A.2.2, A.6). With ``sama`` and ``layout_guidance`` both off
-    it is plain fused sampling (the same images as the fused sampler, bit for bit)."""
-
-    sama: bool = Field(True, description="Subject-Adaptive Matching Attention: warp each concept's "
-                       "reference-branch self-attention values into the target (Eq. 6-9)")
-    sama_start_step: int = Field(4, ge=0, description="first (0-based) denoising step with SAMA (A.2.2: 4)")
-    sama_mask_threshold: float = Field(
-        0.5, gt=0, lt=1, description="a position belongs to concept k's mask M_k where its min-max-normalised "
-        "cross-attention map exceeds this (the paper gives no value; masks are made disjoint)")
-    reference_seed: int | None = Field(
-        0, description="noise seed of every reference branch: one reference trajectory per concept, shared by "
-        "all images of a batch; None: each image's own seed (one reference per concept and seed)")
-    layout_guidance: bool = Field(True, description="layout-consistency guidance (Eq. 10-11)")
-    layout_threshold: float = Field(0.55, description="tau of the map refinement (A.2.2)")
-    layout_adjustment: float = Field(0.5, description="lambda of the map refinement (A.2.2)")
-    layout_step_size: float = Field(10.0, description="phi at the first step, decaying linearly to 0 (Eq. 11, A.2.2)")
-    layout_last_block: Literal["down_blocks", "mid_block", "up_blocks"] = Field(
-        "mid_block", description="the loss reads the cross-attention maps of the UNet up to and including this "
-        "block; its gradient pass stops there (the paper does not name the layers)")
 
 
 class GenerateConfig(StrictModel):

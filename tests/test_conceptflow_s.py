@@ -9,15 +9,16 @@ import pytest
 import torch
 from PIL import Image
 
-from conceptflow.adapters.image_adapter import ImageAdapter
+from conceptflow.methods.conceptflow_s.image_adapter import ImageAdapter
 from conceptflow.adapters.tokens import expand_prompt, layer_token
 from conceptflow.attention.processor import CrossAttentionMapRecorder
 from conceptflow.config import ConceptFlowSTrainConfig
 from conceptflow.models.loading import load_base_pipeline
 from conceptflow.train.common import denoising_loss, prepare_concept_training, sample_batch
-from conceptflow.train.conceptflow_s import ConceptFlowSMethod, krona_wed_deltas
+from conceptflow.methods.conceptflow_s.reader import krona_wed_deltas
+from conceptflow.methods.conceptflow_s.trainer import ConceptFlowSMethod
 from conceptflow.train.loop import run_training, step_generator
-from conceptflow.train.losses import attention_regularisation_loss, disentangle_cosine
+from conceptflow.methods.conceptflow_s.losses import attention_regularisation_loss, disentangle_cosine
 
 pytestmark = [pytest.mark.filterwarnings("ignore"), pytest.mark.usefixtures("one_torch_thread")]
 

@@ -5,7 +5,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conceptflow.adapters.concept_io import ConceptWeights
+from conceptflow.adapters.effects import ConceptEffects
 from conceptflow.adapters.merge import base_weights
 from conceptflow.adapters.tokens import concept_token_strings
 from conceptflow.attention.processor import install_attention_controller
@@ -17,7 +17,7 @@ from conceptflow.fuse.solvers import fusion_objective
 SCALE = 0.7
 
 
-def random_concept(pipeline, name: str, seed: int) -> ConceptWeights:
+def random_concept(pipeline, name: str, seed: int) -> ConceptEffects:
     generator = torch.Generator().manual_seed(seed)
     n_layers = len(install_attention_controller(pipeline.unet).cross_layers)
     embeddings = {token: torch.randn(32, generator=generator) * 0.1 for token in concept_token_strings(name, n_layers)}
@@ -31,7 +31,7 @@ def random_concept(pipeline, name: str, seed: int) -> ConceptWeights:
                 up = torch.randn(out_features, 4, generator=generator)
                 down = torch.randn(4, in_features, generator=generator)
                 deltas[f"{model_name}.{path}"] = 0.05 * up @ down / 4
-    return ConceptWeights({"name": name, "method": "edlora", "class_word": name}, embeddings, deltas)
+    return ConceptEffects({"name": name, "method": "edlora", "class_word": name}, embeddings, deltas)
 
 
 @pytest.fixture

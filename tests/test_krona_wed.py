@@ -11,7 +11,7 @@ from diffusers import UNet2DConditionModel
 from lycoris.functional import factorization as lycoris_factorization
 from torch import nn
 
-from conceptflow.adapters.krona_wed import (
+from conceptflow.methods.conceptflow_s.krona_wed import (
     KronaWEDLinear,
     factorization,
     inject_krona_wed,

@@ -13,8 +13,8 @@ from lycoris.utils.preset import read_preset
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from conceptflow.adapters.krona_wed import KronaWEDLinear, inject_krona_wed, krona_wed_state_dict
-from conceptflow.adapters.lycoris_io import export_lycoris, load_lycoris_file, lycoris_name
+from conceptflow.methods.conceptflow_s.krona_wed import KronaWEDLinear, inject_krona_wed, krona_wed_state_dict
+from conceptflow.methods.conceptflow_s.lycoris import export_lycoris, load_lycoris_file, lycoris_name
 from conceptflow.errors import ConceptflowError
 from conceptflow.models.embedded import embedded_model_path
 

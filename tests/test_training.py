@@ -6,10 +6,11 @@ import torch
 from PIL import Image
 
 from conceptflow.adapters.concept_io import read_adapter, save_adapter
-from conceptflow.adapters.merge import apply_concepts, load_concept
+from conceptflow.adapters.merge import apply_concepts
+from conceptflow.methods import read_concept
 from conceptflow.config import LoRATrainConfig
 from conceptflow.train.common import prepare_concept_training
-from conceptflow.train.edlora import EDLoRAMethod
+from conceptflow.methods.edlora.trainer import EDLoRAMethod
 from conceptflow.train.loop import run_training
 
 
@@ -84,7 +85,7 @@ def test_saved_concept_applies_its_merged_update(tiny_pipeline, concept_images, 
     assert loaded_meta["rank"] == 4 and set(loaded_tensors) == set(tensors)
 
     fresh = load_base_pipeline("embedded:tiny-sd")
-    concept = load_concept(tmp_path / "concept", fresh)
+    concept = read_concept(tmp_path / "concept", fresh)
     apply_concepts(fresh, [concept], scale=1.0)
     latents = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(1))
     text = torch.randn(1, 77, 32, generator=torch.Generator().manual_seed(2))

@@ -9,7 +9,6 @@ model and lineage). Fused models use the same layout with full weights (``weight
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
@@ -23,17 +22,6 @@ ADAPTER_FILE = "adapter.safetensors"
 CONCEPT_FILE = "concept.json"
 EMBEDDING_PREFIX = "embedding."
 WEIGHT_PREFIX = "weight."
-
-
-@dataclass
-class ConceptWeights:
-    """What sampling and fusion need from a concept or a fused model."""
-
-    meta: dict
-    embeddings: dict[str, torch.Tensor] = field(default_factory=dict)
-    # merged weight updates (concepts) or full new weights (fused models): "unet.<path>" -> tensor
-    deltas: dict[str, torch.Tensor] = field(default_factory=dict)
-    weights: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def save_adapter(folder: Path, tensors: Mapping[str, torch.Tensor], meta: dict) -> Path:

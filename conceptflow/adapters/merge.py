@@ -1,67 +1,34 @@
-"""Read trained concepts and fused models into a base pipeline.
+"""Write concepts' mergeable effects into a base pipeline, and build a fused model's tensors.
 
-Every method's adapter reduces, per adapted linear layer, to a merged update ΔW (what fusion
-works on); a fused model stores the full new weights. Both are applied by writing weights in
-place and adding the concepts' token embeddings to the tokenizer and text encoder.
+A concept's merged updates ΔW (what fusion works on) and a fused model's full weights are
+applied by writing weights in place, its token embeddings by adding rows to the tokenizer and
+the text encoder. Reading a concept folder is ``conceptflow.methods.read_concept``; run-time
+channels (token-position updates, text residuals) are ``conceptflow.adapters.branched``.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Callable, Mapping
+from typing import Mapping
 
 import torch
 
-from conceptflow.adapters.concept_io import (
-    EMBEDDING_PREFIX,
-    WEIGHT_PREFIX,
-    ConceptWeights,
-    get_linear,
-    read_adapter,
-    set_weights,
-    split_prefix,
-)
+from conceptflow.adapters.concept_io import EMBEDDING_PREFIX, WEIGHT_PREFIX, get_linear, set_weights
+from conceptflow.adapters.effects import ConceptEffects
 from conceptflow.adapters.tokens import write_embeddings
 from conceptflow.errors import ConceptflowError
-
-# method -> f(adapter tensors, concept.json, base pipeline) -> {"unet.<path>": ΔW, ...}
-DeltaReader = Callable[[dict[str, torch.Tensor], dict, object], dict[str, torch.Tensor]]
-
-
-def _edlora(tensors, meta, pipeline):
-    from conceptflow.train.edlora import edlora_deltas
-
-    return edlora_deltas(tensors, meta)
-
-
-def _krona_wed(tensors, meta, pipeline):
-    from conceptflow.train.conceptflow_s import krona_wed_deltas
-
-    return krona_wed_deltas(tensors, meta, pipeline)
-
-
-DELTA_READERS: dict[str, DeltaReader] = {"edlora": _edlora, "conceptflow_s": _krona_wed}
-
-
-def load_concept(folder: Path, pipeline) -> ConceptWeights:
-    """Embeddings and merged updates of a trained concept (or the full weights of a fused model)."""
-    tensors, meta = read_adapter(folder)
-    embeddings = split_prefix(tensors, EMBEDDING_PREFIX)
-    if meta.get("kind") == "fused":
-        return ConceptWeights(meta, embeddings, weights=split_prefix(tensors, WEIGHT_PREFIX))
-    method = meta.get("method")
-    if method not in DELTA_READERS:
-        raise ConceptflowError(f"{folder}/concept.json names unknown method {method!r}; known: {sorted(DELTA_READERS)}")
-    adapter_tensors = {k: v for k, v in tensors.items() if not k.startswith(EMBEDDING_PREFIX)}
-    return ConceptWeights(meta, embeddings, deltas=DELTA_READERS[method](adapter_tensors, meta, pipeline))
 
 
 def base_weights(pipeline, paths) -> dict[str, torch.Tensor]:
     return {path: get_linear(pipeline, path).weight.detach().clone() for path in paths}
 
 
-def apply_concepts(pipeline, concepts: list[ConceptWeights], scale: float = 1.0) -> None:
+def apply_concepts(pipeline, concepts: list[ConceptEffects], scale: float = 1.0) -> None:
     """Load concepts into ``pipeline``: tokens, and W0 + scale * ΣΔW (or a fused model's weights)."""
+    runtime_only = [concept.name for concept in concepts if not concept.mergeable]
+    if runtime_only:
+        raise ConceptflowError(
+            f"concepts {runtime_only} act at run time (token-position updates or text residuals) and cannot be "
+            "merged into the weights; apply them with conceptflow.adapters.branched instead")
     for concept in concepts:
         write_embeddings(pipeline.tokenizer, pipeline.text_encoder, concept.embeddings)
     summed: dict[str, torch.Tensor] = {}
@@ -74,7 +41,7 @@ def apply_concepts(pipeline, concepts: list[ConceptWeights], scale: float = 1.0)
     set_weights(pipeline, updated)
 
 
-def merged_embeddings(concepts: list[ConceptWeights]) -> dict[str, torch.Tensor]:
+def merged_embeddings(concepts: list[ConceptEffects]) -> dict[str, torch.Tensor]:
     embeddings: dict[str, torch.Tensor] = {}
     for concept in concepts:
         clash = set(embeddings) & set(concept.embeddings)

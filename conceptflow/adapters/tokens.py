@@ -15,7 +15,7 @@ from typing import Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from conceptflow.config import CONCEPT_REFERENCE
+from conceptflow.schema import CONCEPT_REFERENCE
 from conceptflow.errors import ConceptflowError
 
 

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import torch
 
-from conceptflow.adapters.concept_io import ConceptWeights
+from conceptflow.adapters.effects import ConceptEffects
 
 
-def average_fuse(base: dict[str, torch.Tensor], concepts: list[ConceptWeights], scale: float) -> dict[str, torch.Tensor]:
+def average_fuse(base: dict[str, torch.Tensor], concepts: list[ConceptEffects], scale: float) -> dict[str, torch.Tensor]:
     """Fused weights for every layer any concept adapts."""
     paths = sorted({path for concept in concepts for path in concept.deltas})
     fused = {}

@@ -21,7 +21,8 @@ from typing import Mapping, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from conceptflow.adapters.concept_io import ConceptWeights, get_linear, set_weights
+from conceptflow.adapters.concept_io import get_linear, set_weights
+from conceptflow.adapters.effects import ConceptEffects
 from conceptflow.adapters.tokens import expand_prompt, layer_token, write_embeddings
 from conceptflow.attention.processor import install_attention_controller
 from conceptflow.fuse.gram import GramRecorder
@@ -39,7 +40,7 @@ SAMPLING_PROMPTS = ("a photo of a {}", "a {} in a garden", "a close-up photo of 
 CAPTURE_STEPS = 20
 
 
-def _load_concept_weights(pipeline, base: Mapping[str, torch.Tensor], concept: ConceptWeights | None,
+def _load_concept_weights(pipeline, base: Mapping[str, torch.Tensor], concept: ConceptEffects | None,
                           scale: float, paths: Sequence[str]) -> None:
     """Set ``paths`` to W0 + s·ΔW of ``concept`` (W0 where it has none, or for None)."""
     updates = {}
@@ -111,7 +112,7 @@ def capture_unet(pipeline, concept_name: str, paths: Sequence[str], resolution: 
     return recorder.grams
 
 
-def _solve(base: Mapping[str, torch.Tensor], concepts: Sequence[ConceptWeights], grams: Sequence[Mapping[str, torch.Tensor]],
+def _solve(base: Mapping[str, torch.Tensor], concepts: Sequence[ConceptEffects], grams: Sequence[Mapping[str, torch.Tensor]],
            paths: Sequence[str], scale: float, solver: str, iterations: int) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     fused, objective_fused, objective_base = {}, 0.0, 0.0
     for path in paths:
@@ -132,7 +133,7 @@ def _solve(base: Mapping[str, torch.Tensor], concepts: Sequence[ConceptWeights],
     return fused, {"objective": objective_fused, "objective_at_base": objective_base}
 
 
-def gradient_fuse(pipeline, catalog, combination, concepts: list[ConceptWeights],
+def gradient_fuse(pipeline, catalog, combination, concepts: list[ConceptEffects],
                   base: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """Fused weights for every layer any concept adapts, and the objectives reached."""
     scale, solver = catalog.fuse.adapter_scale, catalog.fuse.solver

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from conceptflow.adapters.concept_io import save_adapter
-from conceptflow.adapters.merge import base_weights, fused_tensors, load_concept, merged_embeddings
+from conceptflow.adapters.merge import base_weights, fused_tensors, merged_embeddings
+from conceptflow.methods import read_concept
 from conceptflow.config import Catalog, config_hash
 from conceptflow.layout import Layout
 from conceptflow.models.loading import load_base_pipeline, model_fingerprint
@@ -19,7 +20,7 @@ def fuse(catalog: Catalog, combination_name: str, force: bool = False):
 
     def produce(staging):
         pipeline = load_base_pipeline(catalog.base_model_source, catalog.device, catalog.dtype)
-        concepts = [load_concept(layout.adapter(name), pipeline) for name in combination.concepts]
+        concepts = [read_concept(layout.adapter(name), pipeline) for name in combination.concepts]
         paths = sorted({path for concept in concepts for path in concept.deltas})
         base = base_weights(pipeline, paths)
         if catalog.fuse.method == "gradient":

@@ -7,7 +7,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from conceptflow.adapters.merge import apply_concepts, load_concept
+from conceptflow.adapters.merge import apply_concepts
+from conceptflow.methods import read_concept
 from conceptflow.config import Catalog, GenerateConfig, config_hash
 from conceptflow.fileio import write_json_atomic
 from conceptflow.layout import Layout
@@ -27,7 +28,7 @@ def generate(catalog: Catalog, combination_name: str, sampler: str | None = None
 
     def produce(staging):
         pipeline = load_base_pipeline(catalog.base_model_source, catalog.device, catalog.dtype)
-        fused_model = load_concept(layout.fused(combination_name), pipeline)
+        fused_model = read_concept(layout.fused(combination_name), pipeline)
         apply_concepts(pipeline, [fused_model])
         plain = sample_images(pipeline, requests, combination.concepts, catalog.resolution, settings.steps,
                               settings.guidance_scale, settings.batch_size, description=f"generate {combination_name}")

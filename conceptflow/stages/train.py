@@ -8,35 +8,25 @@ import shutil
 import torch
 
 from conceptflow.adapters.concept_io import save_adapter
-from conceptflow.config import Catalog, config_hash
+from conceptflow.config import Catalog
 from conceptflow.data.ingest import ingested_captions, ingested_images
 from conceptflow.layout import Layout
+from conceptflow.methods import get_method
 from conceptflow.models.loading import load_base_pipeline, model_fingerprint
 from conceptflow.plots import save_curve
-from conceptflow.stages.base import flat_params, require_manifest, run_stage
+from conceptflow.stages.base import flat_params, run_stage
+from conceptflow.stages.table import stage, upstream_md5s
 from conceptflow.train.common import prepare_concept_training
 from conceptflow.train.loop import run_training
-
-
-def build_method(setup, train_config, catalog: Catalog):
-    if train_config.method == "edlora":
-        from conceptflow.train.edlora import EDLoRAMethod
-
-        return EDLoRAMethod(setup, train_config)
-    from conceptflow.train.conceptflow_s import ConceptFlowSMethod
-
-    return ConceptFlowSMethod(setup, train_config, device=catalog.device)
 
 
 def train(catalog: Catalog, concept_name: str, force: bool = False, stop_after: int | None = None):
     concept = catalog.concept(concept_name)
     layout = Layout(catalog)
-    images = require_manifest(layout.images(concept_name), "ingested images", f"ingest --concept {concept_name}")
-    masks = require_manifest(layout.masks(concept_name), "masks", f"mask --concept {concept_name}")
-    base_hash = model_fingerprint(catalog.base_model_source)
-    settings_hash = config_hash(concept.train, concept.class_word, catalog.base_model, base_hash, catalog.seed,
-                                catalog.resolution, catalog.dtype)
-    upstream = {"images": images.md5, "masks": masks.md5}
+    upstream = upstream_md5s(catalog, "train", concept_name)  # {"images": md5, "masks": md5}
+    base_hash = model_fingerprint(catalog.base_model_source)  # memoised: the config hash below reads it too
+    row = stage("train")
+    settings_hash = row.config_hash(catalog, concept_name)
     run_key = hashlib.sha256(f"{settings_hash}{sorted(upstream.items())}".encode()).hexdigest()[:16]
     config = concept.train
 
@@ -47,7 +37,7 @@ def train(catalog: Catalog, concept_name: str, force: bool = False, stop_after: 
         setup = prepare_concept_training(
             pipeline, concept_name, concept.class_word, image_paths, ingested_images(layout.masks(concept_name)),
             catalog.resolution, catalog.seed, ingested_captions(image_paths))
-        method = build_method(setup, config, catalog)
+        method = get_method(config.method).build_trainer(setup, config, device=catalog.device)
         history = run_training(method, config.steps, catalog.seed, layout.checkpoints(concept_name), run_key,
                                config.checkpoint_every, config.log_every, description=f"train {concept_name}",
                                stop_after=stop_after)
@@ -69,7 +59,8 @@ def train(catalog: Catalog, concept_name: str, force: bool = False, stop_after: 
                 "metrics": {k: v for k, v in (history[-1] if history else {}).items() if k != "step"},
                 "history": history}
 
-    manifest, ran = run_stage("train", concept_name, layout.adapter(concept_name), settings_hash, upstream, produce, force)
+    manifest, ran = run_stage(row.name, concept_name, row.folder(catalog, concept_name), settings_hash, upstream,
+                              produce, force)
     if ran:
         shutil.rmtree(layout.checkpoints(concept_name), ignore_errors=True)
     return manifest, ran

@@ -257,6 +257,23 @@ def krona_wed_state_dict(modules: Mapping[str, KronaWEDLinear]) -> dict[str, tor
     return state
 
 
+def krona_tensors_by_path(state: Mapping[str, torch.Tensor], prefix: str = ""
+                          ) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """``{path: (A, B, m)}`` from ``<prefix><path>.kron_a|kron_b|magnitude`` tensors, sorted by path.
+
+    Other keys are ignored; a path with some but not all three tensors is refused.
+    """
+    paths = sorted({key.removeprefix(prefix).rsplit(".", 1)[0] for key in state
+                    if key.startswith(prefix) and key.rsplit(".", 1)[-1] in STATE_SUFFIXES})
+    parsed = {}
+    for path in paths:
+        missing = [s for s in STATE_SUFFIXES if f"{prefix}{path}.{s}" not in state]
+        if missing:
+            raise ConceptflowError(f"KronA-WED tensors for '{prefix}{path}' lack {missing}; re-export the adapter.")
+        parsed[path] = tuple(state[f"{prefix}{path}.{s}"] for s in STATE_SUFFIXES)
+    return parsed
+
+
 def load_krona_wed_state_dict(unet: nn.Module, state: Mapping[str, torch.Tensor],
                               forward_mode: str = "auto") -> dict[str, KronaWEDLinear]:
     """Put the tensors of :func:`krona_wed_state_dict` into ``unet``, wrapping layers as needed.
@@ -264,13 +281,8 @@ def load_krona_wed_state_dict(unet: nn.Module, state: Mapping[str, torch.Tensor]
     A's shape is read from the tensors, so files written with any factor load. Raises
     ``ConceptflowError`` when a path is not a linear layer of this UNet or a tensor is missing.
     """
-    paths = sorted({key.rsplit(".", 1)[0] for key in state if key.rsplit(".", 1)[-1] in STATE_SUFFIXES})
     modules = {}
-    for path in paths:
-        missing = [s for s in STATE_SUFFIXES if f"{path}.{s}" not in state]
-        if missing:
-            raise ConceptflowError(f"KronA-WED tensors for '{path}' lack {missing}; re-export the adapter.")
-        kron_a, kron_b, magnitude = (state[f"{path}.{s}"] for s in STATE_SUFFIXES)
+    for path, (kron_a, kron_b, magnitude) in krona_tensors_by_path(state).items():
         modules[path] = _wrap_for_loading(unet, path, tuple(kron_a.shape), forward_mode)
         expected = (tuple(modules[path].kron_b.shape), modules[path].out_features)
         if (tuple(kron_b.shape), magnitude.numel()) != expected:

@@ -31,12 +31,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from conceptflow.adapters.krona_wed import (
+from conceptflow.methods.conceptflow_s.krona_wed import (
     STATE_SUFFIXES,
     KronaWEDLinear,
     krona_wed_state_dict,
     load_krona_wed_state_dict,
 )
+from conceptflow.adapters.concept_io import read_adapter, split_prefix
 from conceptflow.errors import ConceptflowError
 from conceptflow.fileio import atomic_path
 
@@ -161,8 +162,6 @@ def export_concept_folder(concept_folder: Path, path: Path) -> Path:
     Only the UNet adapter goes into the file (LyCORIS has no slot for the layer-wise token
     embeddings or the image adapter); load the embeddings from ``adapter.safetensors``.
     """
-    from conceptflow.adapters.concept_io import read_adapter, split_prefix
-
     tensors, meta = read_adapter(Path(concept_folder))
     if meta.get("method") != "conceptflow_s":
         raise ConceptflowError(

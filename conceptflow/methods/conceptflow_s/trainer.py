@@ -30,27 +30,26 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from conceptflow.adapters.concept_io import EMBEDDING_PREFIX, get_linear
-from conceptflow.adapters.image_adapter import ImageAdapter, clip_image_embeddings
-from conceptflow.adapters.krona_wed import (
-    STATE_SUFFIXES,
+from conceptflow.adapters.tokens import token_positions
+from conceptflow.attention.processor import CrossAttentionMapRecorder
+from conceptflow.errors import ConceptflowError
+from conceptflow.methods.base import ConceptTrainer
+from conceptflow.methods.conceptflow_s.config import ConceptFlowSTrainConfig
+from conceptflow.methods.conceptflow_s.image_adapter import ImageAdapter, clip_image_embeddings
+from conceptflow.methods.conceptflow_s.krona_wed import (
     KronaWEDLinear,
     inject_krona_wed,
     krona_wed_state_dict,
     load_krona_wed_state_dict,
 )
-from conceptflow.adapters.tokens import token_positions
-from conceptflow.attention.processor import CrossAttentionMapRecorder
-from conceptflow.config import ConceptFlowSTrainConfig
-from conceptflow.errors import ConceptflowError
-from conceptflow.train.common import ConceptTrainingSetup, denoising_loss, freeze_embeddings_at_norm, sample_batch
-from conceptflow.train.losses import attention_regularisation_loss, disentangle_cosine
+from conceptflow.methods.conceptflow_s.losses import attention_regularisation_loss, disentangle_cosine
+from conceptflow.train.common import ConceptTrainingSetup, denoising_loss, sample_batch
 
 UNET_PREFIX = "unet."
 IMAGE_ADAPTER_PREFIX = "image_adapter."
 
 
-class ConceptFlowSMethod:
+class ConceptFlowSMethod(ConceptTrainer):
     """The ConceptFlow-S ``TrainingMethod`` for ``run_training`` (see the module docstring).
 
     Args:
@@ -60,7 +59,7 @@ class ConceptFlowSMethod:
     """
 
     def __init__(self, setup: ConceptTrainingSetup, config: ConceptFlowSTrainConfig, device: str = "cpu"):
-        self.setup, self.config, self.device = setup, config, device
+        super().__init__(setup, config, device)
         self.krona_modules = inject_krona_wed(setup.unet, factor=config.kron_factor)
         # Frozen encoder, run once: the training images never change during a run.
         self.image_embeddings = clip_image_embeddings(setup.pixel_images, config.image_encoder, device)
@@ -70,10 +69,9 @@ class ConceptFlowSMethod:
 
     # --- TrainingMethod -------------------------------------------------------------------
 
-    def parameter_groups(self) -> list[dict]:
+    def method_parameter_groups(self) -> list[dict]:
         adapter_parameters = [p for module in self.krona_modules.values() for p in self._krona_parameters(module)]
         return [
-            {"params": [self.setup.embeddings.weight], "lr": self.config.lr_embeddings},
             {"params": adapter_parameters, "lr": self.config.lr_adapter},
             {"params": list(self.image_adapter.parameters()), "lr": self.config.lr_image_adapter},
         ]
@@ -106,40 +104,24 @@ class ConceptFlowSMethod:
                 "embedding_norm": setup.embeddings.mean_norm()}
         return loss, logs
 
-    def after_step(self) -> None:
-        freeze_embeddings_at_norm(self.setup.embeddings, self.config.embedding_norm_limit)
-
-    def trainable_state(self) -> dict[str, torch.Tensor]:
-        state = {"embeddings": self.setup.embeddings.weight.detach()}
-        state.update({f"{UNET_PREFIX}{k}": v for k, v in krona_wed_state_dict(self.krona_modules).items()})
+    def method_state(self) -> dict[str, torch.Tensor]:
+        state = {f"{UNET_PREFIX}{k}": v for k, v in krona_wed_state_dict(self.krona_modules).items()}
         state.update({f"{IMAGE_ADAPTER_PREFIX}{k}": v.detach() for k, v in self.image_adapter.state_dict().items()})
         return state
 
-    def load_trainable_state(self, state: Mapping[str, torch.Tensor]) -> None:
-        with torch.no_grad():
-            self.setup.embeddings.weight.copy_(state["embeddings"])
+    def load_method_state(self, state: Mapping[str, torch.Tensor]) -> None:
         unet_part = {k.removeprefix(UNET_PREFIX): v for k, v in state.items() if k.startswith(UNET_PREFIX)}
         load_krona_wed_state_dict(self.setup.unet, unet_part)
         image_part = {k.removeprefix(IMAGE_ADAPTER_PREFIX): v for k, v in state.items()
                       if k.startswith(IMAGE_ADAPTER_PREFIX)}
         self.image_adapter.load_state_dict(image_part)
 
-    # --- export -----------------------------------------------------------------------------
-
-    def export(self) -> tuple[dict[str, torch.Tensor], dict]:
-        """Tensors for ``adapter.safetensors`` and the method's part of ``concept.json``.
-
-        Tensors: ``embedding.<layer token>`` rows, ``unet.<path>.kron_a|kron_b|magnitude`` and
-        ``image_adapter.<name>`` (kept for inspection and further training; sampling ignores it).
-        """
-        state = self.trainable_state()
-        tensors = {f"{EMBEDDING_PREFIX}{token}": row
-                   for token, row in zip(self.setup.token_strings, state.pop("embeddings"))}
-        tensors.update(state)
-        meta = {"adapter": "krona_wed", "kron_factor": self.config.kron_factor,
+    def method_meta(self) -> dict:
+        """The method's part of ``concept.json``. Its tensors: ``unet.<path>.kron_a|kron_b|magnitude``
+        and ``image_adapter.<name>`` (kept for inspection and further training; sampling ignores it)."""
+        return {"adapter": "krona_wed", "kron_factor": self.config.kron_factor,
                 "unet_targets": sorted(self.krona_modules), "image_encoder": self.config.image_encoder,
                 "image_adapter": {"image_dim": self.image_adapter.image_dim, "text_dim": self.image_adapter.text_dim}}
-        return tensors, meta
 
     # --- helpers ----------------------------------------------------------------------------
 
@@ -164,41 +146,3 @@ class ConceptFlowSMethod:
                 self._positions[prompt] = positions
             rows.append(self._positions[prompt])
         return torch.tensor(rows, dtype=torch.long)
-
-
-def krona_wed_deltas(tensors: Mapping[str, torch.Tensor], meta: dict, pipeline) -> dict[str, torch.Tensor]:
-    """Merged updates ``{"unet.<path>": ΔW = W' − W0}`` of a saved ConceptFlow-S adapter.
-
-    W0 is read from ``pipeline`` (its base weights; a layer already wrapped by KronA-WED gives
-    its frozen base layer), W' = m ⊙ (W0 + A⊗B) / ‖W0 + A⊗B‖ is computed by a KronA-WED layer
-    built around a float32 copy of W0, so the pipeline is left untouched. Tensors without the
-    ``unet.`` prefix (embeddings, image adapter) are ignored. ``meta`` is accepted for the
-    delta-reader interface; A's shape (hence the factor) is read from the tensors.
-    """
-    del meta
-    paths = sorted({key.removeprefix(UNET_PREFIX).rsplit(".", 1)[0] for key in tensors
-                    if key.startswith(UNET_PREFIX) and key.rsplit(".", 1)[-1] in STATE_SUFFIXES})
-    deltas = {}
-    for path in paths:
-        missing = [s for s in STATE_SUFFIXES if f"{UNET_PREFIX}{path}.{s}" not in tensors]
-        if missing:
-            raise ConceptflowError(f"KronA-WED tensors for 'unet.{path}' lack {missing}; re-export the adapter.")
-        try:
-            base_weight = get_linear(pipeline, f"{UNET_PREFIX}{path}").weight.detach()
-        except AttributeError as error:
-            raise ConceptflowError(
-                f"adapter tensors name 'unet.{path}', which is not a layer of this base model's UNet; "
-                "use the base model the concept was trained on.") from error
-        kron_a, kron_b, magnitude = (tensors[f"{UNET_PREFIX}{path}.{s}"] for s in STATE_SUFFIXES)
-        # Building layers draws initial values (all overwritten); keep the caller's RNG stream intact.
-        with torch.random.fork_rng(devices=[]):
-            base = nn.Linear(base_weight.shape[1], base_weight.shape[0], bias=False, device=base_weight.device)
-            with torch.no_grad():
-                base.weight.copy_(base_weight.float())
-            layer = KronaWEDLinear(base, a_shape=tuple(kron_a.shape))
-        with torch.no_grad():
-            layer.kron_a.copy_(kron_a)
-            layer.kron_b.copy_(kron_b)
-            layer.magnitude.copy_(magnitude.reshape(-1))
-            deltas[f"{UNET_PREFIX}{path}"] = layer.delta_weight().detach()
-    return deltas

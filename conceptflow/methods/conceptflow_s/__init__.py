@@ -1,0 +1,13 @@
+"""ConceptFlow-S (§4.1): KronA-WED UNet adapter, disentangled learning, attention regularisation."""
+
+from conceptflow.methods.base import MethodSpec
+from conceptflow.methods.conceptflow_s.config import ConceptFlowSTrainConfig
+
+SPEC = MethodSpec(
+    name="conceptflow_s",
+    config=ConceptFlowSTrainConfig,
+    trainer="conceptflow.methods.conceptflow_s.trainer:ConceptFlowSMethod",
+    reader="conceptflow.methods.conceptflow_s.reader:read_conceptflow_s",
+    exporters={"lycoris": "conceptflow.methods.conceptflow_s.lycoris:export_concept_folder"},
+    summary="ConceptFlow-S: KronA-WED adapter, disentangled learning, attention regularisation",
+)

@@ -1,0 +1,12 @@
+"""ED-LoRA (Mix-of-Show §3): layer-wise concept tokens + LoRA, merged as ΔW = alpha · B @ A."""
+
+from conceptflow.methods.base import MethodSpec
+from conceptflow.methods.edlora.config import LoRATrainConfig
+
+SPEC = MethodSpec(
+    name="edlora",
+    config=LoRATrainConfig,
+    trainer="conceptflow.methods.edlora.trainer:EDLoRAMethod",
+    reader="conceptflow.methods.edlora.reader:read_edlora",
+    summary="Mix-of-Show ED-LoRA: layer-wise tokens, LoRA on text-encoder and UNet attention",
+)
