@@ -3,14 +3,16 @@
 Each embedded model has an id ``embedded:<name>``; it is built once, seeded, saved in the
 library's own format (diffusers / transformers) under the cache folder and from then on
 loaded by the same ``from_pretrained`` path a hub id or local folder takes. Weights are
-random: these bases exercise the code path, not image quality.
+random: these bases exercise the code path, not image quality. A builder draws from its own
+stream (``BUILD_SEED``) and leaves the caller's torch random state as it found it, so a
+training run that builds a model into a cold cache continues exactly as one with a warm cache.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -18,12 +20,24 @@ from typing import Callable
 import torch
 
 from conceptflow.errors import ModelUnavailableError
+from conceptflow.fileio import atomic_directory
 from conceptflow.models.tokenizer import build_clip_tokenizer
 
 EMBEDDED_PREFIX = "embedded:"
 BUILD_SEED = 0
 # Bump when a builder changes so old caches are not reused.
 EMBEDDED_VERSION = "1"
+
+
+def seeded_build(builder: Callable) -> Callable:
+    """``builder`` run on torch's stream seeded with ``BUILD_SEED``; the caller's stream is
+    restored afterwards (``torch.random.fork_rng``), as if nothing had been built."""
+    @functools.wraps(builder)
+    def build(*args, **kwargs):
+        with torch.random.fork_rng():
+            torch.manual_seed(BUILD_SEED)
+            return builder(*args, **kwargs)
+    return build
 
 
 def cache_root() -> Path:
@@ -50,7 +64,7 @@ def _tiny_text_config(hidden: int = 32, layers: int = 2, intermediate: int = 37,
 class TinySDSize:
     """Sizes of the tiny SD-1.x architecture; the defaults are ``embedded:tiny-sd``'s.
 
-    The toy base (``conceptflow.toy.pretrain``) uses the same builder with its own sizes.
+    The toy base (``recipes.toy.pretrain``) uses the same builder with its own sizes.
     """
 
     unet_channels: tuple[int, ...] = (32, 64)
@@ -64,12 +78,12 @@ class TinySDSize:
     image_size: int = 64
 
 
+@seeded_build
 def build_tiny_sd_pipeline(tokenizer, size: TinySDSize = TinySDSize()):
     """An untrained (seeded) tiny SD-1.x ``StableDiffusionPipeline`` of the given sizes."""
     from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    torch.manual_seed(BUILD_SEED)
     levels = len(size.unet_channels)
     vae_downsampling = 2 ** (len(size.vae_channels) - 1)
     unet = UNet2DConditionModel(
@@ -126,11 +140,11 @@ def build_tiny_sd(folder: Path, size: TinySDSize = TinySDSize()) -> None:
     shutil.rmtree(folder / "tokenizer_build")
 
 
+@seeded_build
 def build_tiny_clip(folder: Path) -> None:
     """A CLIPModel + CLIPProcessor (32 px images) with the real CLIP vocabulary."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
-    torch.manual_seed(BUILD_SEED)
     config = CLIPConfig(
         text_config=_tiny_text_config(),
         vision_config=dict(
@@ -150,11 +164,11 @@ def build_tiny_clip(folder: Path) -> None:
     shutil.rmtree(folder / "tokenizer_build")
 
 
+@seeded_build
 def build_tiny_dino(folder: Path) -> None:
     """A ViT (the DINO v1 architecture, as facebook/dino-vits16) + its image processor."""
     from transformers import ViTConfig, ViTImageProcessor, ViTModel
 
-    torch.manual_seed(BUILD_SEED)
     model = ViTModel(
         ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
                   image_size=32, patch_size=8),
@@ -180,18 +194,10 @@ def embedded_model_path(model_id: str) -> Path:
             + ", ".join(EMBEDDED_PREFIX + n for n in EMBEDDED_BUILDERS)
         )
     folder = cache_root() / f"{name}-v{EMBEDDED_VERSION}"
-    if (folder / ".complete").is_file():
-        return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=folder.parent))
-    try:
-        EMBEDDED_BUILDERS[name](staging)
-        (staging / ".complete").write_text(model_id + "\n")
-        try:
-            staging.rename(folder)
-        except OSError:  # another process finished first; keep its copy
-            if not (folder / ".complete").is_file():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    if not (folder / ".complete").is_file():
+        with atomic_directory(folder, keep_existing=True) as staging:  # a concurrent builder may finish first
+            EMBEDDED_BUILDERS[name](staging)
+            (staging / ".complete").write_text(model_id + "\n")
+        if not (folder / ".complete").is_file():
+            raise ModelUnavailableError(f"{folder} is not a finished build of {model_id}: delete it to rebuild")
     return folder
