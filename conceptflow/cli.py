@@ -184,8 +184,8 @@ def pretrain_toy(out: Path = typer.Option(Path("assets/toy-base"), help="destina
                  minutes: float = typer.Option(90.0, help="wall-time budget; a rerun resumes from checkpoints"),
                  threads: int = typer.Option(1, help="torch threads (2 on an otherwise idle 2-core machine)")):
     """Pretrain the toy-world base and its evaluators (recogniser, identity encoder) on this CPU."""
-    from conceptflow.toy.build import build_toy_assets
-    from conceptflow.toy.pretrain import PretrainConfig
+    from recipes.toy.build import build_toy_assets  # the one place conceptflow reaches the recipes
+    from recipes.toy.pretrain import PretrainConfig
 
     result = build_toy_assets(out, minutes, PretrainConfig(threads=threads))
     typer.echo(str(result))

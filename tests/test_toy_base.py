@@ -47,7 +47,7 @@ def test_toy_base_draws_the_shapes_and_colours_held_out_prompts_ask_for(recognis
 
 def test_toy_base_scaling_factor_whitens_its_latents():
     from conceptflow.models.loading import load_base_pipeline
-    from conceptflow.toy.pretrain import to_pixels
+    from recipes.toy.pretrain import to_pixels
 
     pipeline = load_base_pipeline(str(TOY_BASE))
     pixels = to_pixels([make_scene(960_000 + i).image for i in range(16)])

@@ -9,23 +9,19 @@ import numpy as np
 import pytest
 import torch
 
-from conceptflow.toy.concepts import TOY_CONCEPTS, render_concept_images
+from conceptflow.toy.concepts import TOY_CONCEPTS, random_look, render_concept_images
 from conceptflow.toy.evaluators import (
     PAIRS,
     Recognition,
     ToyIdentityEncoder,
     ToyRecogniser,
-    _variant,
     identity_similarity,
     omission_redundancy,
     prompt_alignment,
     prompt_pairs,
-    random_look,
-    recogniser_batch,
-    train_identity_encoder,
-    train_recogniser,
 )
 from conceptflow.toy.world import SHAPES, make_scene
+from recipes.toy.evaluators import _variant, recogniser_batch, train_identity_encoder, train_recogniser
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 EVALUATORS = Path(__file__).resolve().parents[1] / "assets" / "toy-base" / "evaluators"

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conceptflow.models.loading import load_base_pipeline
-from conceptflow.toy.pretrain import (
+from recipes.toy.pretrain import (
     PretrainConfig,
     add_measurements_to_card,
     build_toy_pipeline,
@@ -40,8 +40,8 @@ def test_batches_are_a_function_of_seed_stage_and_step():
 def test_unnamed_instances_are_captioned_by_their_shape_alone():
     import numpy as np
 
-    from conceptflow.toy.pretrain import pretraining_scene
     from conceptflow.toy.world import caption
+    from recipes.toy.pretrain import pretraining_scene
 
     config = PretrainConfig(unnamed_instance_probability=0.5, caption_drop_probability=0.0)
     rng = np.random.default_rng(3)

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import torch
 
-from conceptflow.toy.evaluators import train_identity_encoder, train_recogniser
-from conceptflow.toy.pretrain import PretrainConfig, PretrainResult, pretrain_toy_base
+from conceptflow.toy.evaluators import WEIGHTS_FILE
+from recipes.toy.evaluators import train_identity_encoder, train_recogniser
+from recipes.toy.pretrain import PretrainConfig, PretrainResult, pretrain_toy_base
 
 RECOGNISER_STEPS = 3000  # 1200 steps read single objects (0.89) but bound colours to shapes poorly
 IDENTITY_STEPS = 2000
@@ -30,10 +31,10 @@ def build_toy_assets(out_dir: str | Path, minutes: float | None = 90.0, config: 
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(config.threads)
     try:
-        if not (evaluators / "recogniser" / "model.safetensors").is_file():
+        if not (evaluators / "recogniser" / WEIGHTS_FILE).is_file():
             train_recogniser(evaluators / "recogniser", steps=RECOGNISER_STEPS, seed=config.seed, progress=progress,
                              minutes=EVALUATOR_MINUTES)
-        if not (evaluators / "identity" / "model.safetensors").is_file():
+        if not (evaluators / "identity" / WEIGHTS_FILE).is_file():
             train_identity_encoder(evaluators / "identity", steps=IDENTITY_STEPS, seed=config.seed,
                                    progress=progress, minutes=EVALUATOR_MINUTES)
     finally:

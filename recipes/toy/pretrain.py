@@ -15,9 +15,11 @@ world in two stages:
    are an exponential moving average of the trained ones (diffusers' ``EMAModel``), which
    draws cleaner shapes than the last iterate after a short, high-learning-rate run.
 
-Every batch is a pure function of (seed, stage, step), so a run is reproducible and resumes
-from its last checkpoint exactly; ``minutes`` caps wall time (the run stops at a checkpoint and
-can be resumed by calling again with the same folder).
+Every batch is a pure function of (seed, stage, step) (scenes from a numpy generator, noise from
+``conceptflow.seeding.step_generator``), so a run is reproducible and resumes from its last
+checkpoint exactly; ``minutes`` caps wall time (the run stops at a checkpoint and can be resumed
+by calling again with the same folder). Checkpoints are written atomically
+(``conceptflow.fileio.atomic_path``).
 """
 
 from __future__ import annotations
@@ -32,8 +34,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from conceptflow.fileio import atomic_path
 from conceptflow.models.embedded import TinySDSize, build_tiny_sd_pipeline
 from conceptflow.models.tokenizer import build_clip_tokenizer
+from conceptflow.seeding import step_generator
 from conceptflow.toy.concepts import with_unnamed_instances
 from conceptflow.toy.world import IMAGE_SIZE, Scene, caption, render, sample_scene
 
@@ -191,9 +195,8 @@ def _cosine_with_warmup(warmup: int, total: int, final_fraction: float):
 # --- checkpoints ----------------------------------------------------------------------------
 
 def _save_atomically(payload: dict, path: Path) -> None:
-    staging = path.with_suffix(".tmp")
-    torch.save(payload, staging)
-    staging.replace(path)
+    with atomic_path(path, keep_name=True) as staging:  # torch.save names its archive after the file
+        torch.save(payload, staging)
 
 
 def _load(path: Path) -> dict | None:
@@ -221,7 +224,7 @@ def train_vae(vae, config: PretrainConfig, checkpoints: Path, deadline: float, p
     bar = _progress(config.vae_steps, step, "toy VAE", progress)
     while step < config.vae_steps and time.monotonic() < deadline:
         pixels, _, masks = scene_batch(config, 1, step, config.vae_batch_size, with_masks=True)
-        generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
+        generator = step_generator(config.seed, step)
         weight = config.vae_foreground_weight if step >= config.vae_foreground_start else 0.0
         loss = vae_loss(vae, pixels, config.vae_kl_weight, generator, 1.0 + weight * masks)
         optimizer.zero_grad(set_to_none=True)
@@ -310,7 +313,7 @@ def train_denoiser(pipeline, bank: dict, config: PretrainConfig, checkpoints: Pa
         index = rng.integers(0, len(bank["scenes"]), size=config.batch_size)
         captions = [caption(bank["scenes"][i], rng, config.caption_drop_probability)
                     if rng.random() >= config.unconditional_probability else "" for i in index]
-        generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
+        generator = step_generator(config.seed, step)
         latents = (bank["mean"][index] + bank["std"][index] * torch.randn(
             bank["mean"][index].shape, generator=generator)) * scale
         weights = 1.0 + config.object_loss_weight * bank["object_coverage"][index] if config.object_loss_weight else None
@@ -353,7 +356,7 @@ def pretrain_toy_base(out_dir: str | Path, minutes: float | None = 60.0, config:
 
     Resumes from ``out_dir/checkpoints`` when it exists. ``minutes`` caps this call's wall
     time (None: no cap); an unfinished run still saves its current weights and says so in the
-    card. The ``conceptflow pretrain-toy --out DIR --minutes N`` command calls this.
+    card. ``recipes.toy.build.build_toy_assets`` (``conceptflow pretrain-toy``) calls this.
     """
     import shutil
 
@@ -417,7 +420,7 @@ def write_model_card(out_dir: Path, config: PretrainConfig, result: PretrainResu
         "## How it was made",
         "",
         f"- Command: `conceptflow pretrain-toy --out {out_dir.name}` "
-        "(`conceptflow.toy.pretrain.pretrain_toy_base`), seed " f"{config.seed}.",
+        "(`recipes.toy.pretrain.pretrain_toy_base`), seed " f"{config.seed}.",
         f"- Status: {status}; VAE steps {result.vae_steps_done}/{config.vae_steps}, "
         f"UNet+text steps {result.unet_steps_done}/{config.unet_steps}.",
         f"- Wall time: {total_minutes:.1f} min over {len(sessions)} session(s) on a shared 2-core CPU, "
@@ -443,7 +446,8 @@ def write_model_card(out_dir: Path, config: PretrainConfig, result: PretrainResu
         lines += ["", "## Evaluators", "",
                   "`evaluators/recogniser` (shape/colour pairs, shapes, object count) and `evaluators/identity`",
                   "(contrastive instance embedding): small CNNs trained on the generator's ground truth by",
-                  "`conceptflow.toy.evaluators`; load with `ToyRecogniser(folder)` / `ToyIdentityEncoder(folder)`."]
+                  "`recipes.toy.evaluators`; load with `conceptflow.toy.evaluators`' `ToyRecogniser(folder)` /",
+                  "`ToyIdentityEncoder(folder)`."]
     path = out_dir / "README.md"
     path.write_text("\n".join(lines) + "\n")
     (out_dir / "pretrain_config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
