@@ -69,14 +69,32 @@ def load_transformers_model(model_id: str, model_class, processor_class, device:
     return model.eval().to(device), processor
 
 
+FINGERPRINTED_SUFFIXES = {".safetensors", ".json", ".txt", ".bin"}
+# folder -> (signature, fingerprint): the last fingerprint of each folder in this process.
+_FINGERPRINTS: dict[str, tuple[tuple, str]] = {}
+_FINGERPRINTS_LOCK = threading.Lock()
+
+
 def model_fingerprint(model_id: str) -> str:
-    """A content hash of a local model folder's weight files (for lineage); the id for hub models."""
+    """A content hash of a local model folder's weight files (for lineage); the id for hub models.
+
+    Memoised per process on the files' (path, size, mtime) signature: the pipeline asks for it
+    before every train skip check and in fuse and register, and reading the weights again each
+    time is what it would cost. A file rewritten with the same size and mtime is not noticed.
+    """
     source = Path(resolve_model_source(model_id))
     if not source.is_dir():
         return f"hub:{model_id}"
-    digest = hashlib.md5()
-    for path in sorted(source.rglob("*")):
-        if path.is_file() and path.suffix in {".safetensors", ".json", ".txt", ".bin"}:
+    files = [path for path in sorted(source.rglob("*")) if path.is_file() and path.suffix in FINGERPRINTED_SUFFIXES]
+    signature = tuple((path.relative_to(source).as_posix(), stat.st_size, stat.st_mtime_ns)
+                      for path in files for stat in (path.stat(),))
+    with _FINGERPRINTS_LOCK:
+        known = _FINGERPRINTS.get(str(source))
+        if known is not None and known[0] == signature:
+            return known[1]
+        digest = hashlib.md5()
+        for path in files:
             digest.update(path.relative_to(source).as_posix().encode())
             digest.update(path.read_bytes())
-    return digest.hexdigest()
+        _FINGERPRINTS[str(source)] = (signature, digest.hexdigest())
+        return digest.hexdigest()

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from PIL import Image
 
-from conceptflow.config import Catalog, config_hash
+from conceptflow.config import Catalog
 from conceptflow.data.ingest import ingested_images
 from conceptflow.fileio import write_json_atomic
 from conceptflow.layout import Layout
-from conceptflow.stages.base import require_manifest, run_stage
+from conceptflow.stages.base import run_stage
 from conceptflow.stages.generate import generated_images
+from conceptflow.stages.table import stage, upstream_md5s
 
 
 def _open(path):
@@ -22,10 +23,7 @@ def evaluate(catalog: Catalog, combination_name: str, force: bool = False):
 
     combination = catalog.combination(combination_name)
     layout = Layout(catalog)
-    generated = require_manifest(layout.generated(combination_name), "generated images",
-                                 f"generate --combination {combination_name}")
-    references = {name: require_manifest(layout.images(name), "ingested images", f"ingest --concept {name}")
-                  for name in combination.concepts}
+    upstream = upstream_md5s(catalog, "evaluate", combination_name)  # {"generated": md5, "images.<concept>": md5}
 
     def produce(staging):
         images = generated_images(layout.generated(combination_name))
@@ -49,7 +47,7 @@ def evaluate(catalog: Catalog, combination_name: str, force: bool = False):
         return {"params": {"clip_model": catalog.evaluate.clip_model, "dino_model": catalog.evaluate.dino_model},
                 "metrics": flat}
 
-    upstream = {"generated": generated.md5, **{f"images.{n}": m.md5 for n, m in references.items()}}
-    return run_stage("evaluate", combination_name, layout.metrics(combination_name), config_hash(catalog.evaluate),
-                     upstream, produce, force)
+    row = stage("evaluate")
+    return run_stage(row.name, combination_name, row.folder(catalog, combination_name),
+                     row.config_hash(catalog, combination_name), upstream, produce, force)
 

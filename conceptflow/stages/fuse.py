@@ -5,18 +5,17 @@ from __future__ import annotations
 from conceptflow.adapters.concept_io import save_adapter
 from conceptflow.adapters.merge import base_weights, fused_tensors, merged_embeddings
 from conceptflow.methods import read_concept
-from conceptflow.config import Catalog, config_hash
+from conceptflow.config import Catalog
 from conceptflow.layout import Layout
 from conceptflow.models.loading import load_base_pipeline, model_fingerprint
-from conceptflow.stages.base import require_manifest, run_stage
+from conceptflow.stages.base import run_stage
+from conceptflow.stages.table import stage, upstream_md5s
 
 
 def fuse(catalog: Catalog, combination_name: str, force: bool = False):
     combination = catalog.combination(combination_name)
     layout = Layout(catalog)
-    adapters = {name: require_manifest(layout.adapter(name), "trained adapter", f"train --concept {name}")
-                for name in combination.concepts}
-    upstream = {f"adapter.{name}": manifest.md5 for name, manifest in adapters.items()}
+    upstream = upstream_md5s(catalog, "fuse", combination_name)  # {"adapter.<concept>": md5}
 
     def produce(staging):
         pipeline = load_base_pipeline(catalog.base_model_source, catalog.device, catalog.dtype)
@@ -35,7 +34,7 @@ def fuse(catalog: Catalog, combination_name: str, force: bool = False):
             "kind": "fused", "name": combination_name, "method": catalog.fuse.method,
             "solver": catalog.fuse.solver if catalog.fuse.method == "gradient" else None,
             "adapter_scale": catalog.fuse.adapter_scale,
-            "concepts": {c.meta["name"]: {"method": c.meta["method"], "md5": adapters[c.meta["name"]].md5,
+            "concepts": {c.meta["name"]: {"method": c.meta["method"], "md5": upstream[f"adapter.{c.meta['name']}"],
                                           "class_word": c.meta["class_word"]} for c in concepts},
             "base_model": catalog.base_model, "base_model_hash": model_fingerprint(catalog.base_model_source),
         }
@@ -44,6 +43,6 @@ def fuse(catalog: Catalog, combination_name: str, force: bool = False):
                            "adapter_scale": catalog.fuse.adapter_scale, "concepts": ",".join(combination.concepts)},
                 "metrics": {"fused_layers": float(len(weights)), **metrics}}
 
-    return run_stage("fuse", combination_name, layout.fused(combination_name),
-                     config_hash(catalog.fuse, catalog.base_model, catalog.seed, catalog.resolution), upstream,
-                     produce, force)
+    row = stage("fuse")
+    return run_stage(row.name, combination_name, row.folder(catalog, combination_name),
+                     row.config_hash(catalog, combination_name), upstream, produce, force)

@@ -9,21 +9,21 @@ from PIL import Image
 
 from conceptflow.adapters.merge import apply_concepts
 from conceptflow.methods import read_concept
-from conceptflow.config import Catalog, GenerateConfig, config_hash
+from conceptflow.config import Catalog
 from conceptflow.fileio import write_json_atomic
 from conceptflow.layout import Layout
 from conceptflow.models.loading import load_base_pipeline
 from conceptflow.plots import save_heatmap
 from conceptflow.sample.fused import SampleRequest, sample_images
-from conceptflow.stages.base import require_manifest, run_stage
+from conceptflow.stages.base import run_stage
+from conceptflow.stages.table import generate_settings, stage, upstream_md5s
 
 
 def generate(catalog: Catalog, combination_name: str, sampler: str | None = None, force: bool = False):
     combination = catalog.combination(combination_name)
     layout = Layout(catalog)
-    settings = catalog.generate if sampler is None else GenerateConfig.model_validate(
-        {**catalog.generate.model_dump(exclude_unset=True), "sampler": sampler})  # re-run defaults (steps)
-    fused = require_manifest(layout.fused(combination_name), "fused model", f"fuse --combination {combination_name}")
+    settings = generate_settings(catalog, sampler)
+    upstream = upstream_md5s(catalog, "generate", combination_name)  # {"fused": md5}
     requests = [SampleRequest(prompt, seed) for prompt in combination.prompts for seed in combination.seeds]
 
     def produce(staging):
@@ -61,8 +61,9 @@ def generate(catalog: Catalog, combination_name: str, sampler: str | None = None
                            "seeds": ",".join(map(str, combination.seeds))},
                 "metrics": {"images": float(len(records))}}
 
-    return run_stage("generate", combination_name, layout.generated(combination_name),
-                     config_hash(settings, combination, catalog.resolution), {"fused": fused.md5}, produce, force)
+    row = stage("generate")
+    return run_stage(row.name, combination_name, row.folder(catalog, combination_name),
+                     row.config_hash(catalog, combination_name, sampler=sampler), upstream, produce, force)
 
 
 def generated_images(folder: Path, key: str = "file") -> list[tuple[Image.Image, str]] | None:

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from conceptflow.config import Catalog, config_hash
+from conceptflow.config import Catalog
 from conceptflow.data.ingest import ingest_concept, list_concept_files
 from conceptflow.fileio import file_md5
-from conceptflow.layout import Layout
 from conceptflow.stages.base import run_stage
+from conceptflow.stages.table import stage
 
 
 def source_md5(catalog: Catalog, concept_name: str) -> str:
@@ -31,5 +31,6 @@ def ingest(catalog: Catalog, concept_name: str, force: bool = False):
                         "dropped_duplicates": len(manifest["dropped_duplicates"])},
         }
 
-    return run_stage("ingest", concept_name, Layout(catalog).images(concept_name),
-                     config_hash(catalog.resolution), {"source": source_md5(catalog, concept_name)}, produce, force)
+    row = stage("ingest")
+    return run_stage(row.name, concept_name, row.folder(catalog, concept_name), row.config_hash(catalog, concept_name),
+                     {"source": source_md5(catalog, concept_name)}, produce, force)

@@ -6,17 +6,18 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from conceptflow.config import Catalog, config_hash
+from conceptflow.config import Catalog
 from conceptflow.data.ingest import ingested_images
 from conceptflow.data.masks import get_mask_backend
 from conceptflow.layout import Layout
-from conceptflow.stages.base import require_manifest, run_stage
+from conceptflow.stages.base import run_stage
+from conceptflow.stages.table import stage, upstream_md5s
 
 
 def mask(catalog: Catalog, concept_name: str, force: bool = False):
     concept = catalog.concept(concept_name)
     layout = Layout(catalog)
-    images = require_manifest(layout.images(concept_name), "ingested images", f"ingest --concept {concept_name}")
+    upstream = upstream_md5s(catalog, "mask", concept_name)  # {"images": md5}
 
     def produce(staging):
         backend = get_mask_backend(catalog.mask, device=catalog.device, root=catalog.root)
@@ -29,5 +30,6 @@ def mask(catalog: Catalog, concept_name: str, force: bool = False):
         return {"params": {"backend": backend.name, **{f"backend.{k}": str(v) for k, v in backend.describe().items()}},
                 "metrics": {"mean_foreground": float(np.mean(coverage))}}
 
-    return run_stage("mask", concept_name, layout.masks(concept_name), config_hash(catalog.mask, concept.class_word),
-                     {"images": images.md5}, produce, force)
+    row = stage("mask")
+    return run_stage(row.name, concept_name, row.folder(catalog, concept_name), row.config_hash(catalog, concept_name),
+                     upstream, produce, force)

@@ -17,14 +17,15 @@ from conceptflow.layout import Layout
 from conceptflow.lineage import git_revision, locked_output_md5s
 from conceptflow.models.loading import model_fingerprint
 from conceptflow.stages.base import require_manifest
+from conceptflow.stages.table import STAGES
 
 
 def _relative(layout: Layout, folder: Path) -> str:
     return folder.relative_to(layout.root).as_posix()
 
 
-STAGE_OF = {"images": "ingest", "masks": "mask", "adapter": "train", "fused": "fuse", "generated": "generate",
-            "metrics": "evaluate"}
+# A lineage label (the Layout name of a stage's output: "images", "adapter", ...) -> the stage that makes it.
+STAGE_OF = {row.layout: row.name for row in STAGES if row.fan_out != "catalog"}
 
 
 def _lineage_of(layout: Layout, locked: dict, folders: dict[str, Path]) -> dict[str, str]:

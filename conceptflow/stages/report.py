@@ -3,21 +3,17 @@
 from __future__ import annotations
 
 from conceptflow.config import Catalog
-from conceptflow.layout import Layout
 from conceptflow.report import write_report
-from conceptflow.stages.base import read_manifest, run_stage
+from conceptflow.stages.base import run_stage
+from conceptflow.stages.table import stage, upstream_md5s
 
 
 def report(catalog: Catalog, force: bool = False):
-    layout = Layout(catalog)
-    folders = [layout.images(c.name) for c in catalog.concepts] + [layout.masks(c.name) for c in catalog.concepts]
-    folders += [layout.adapter(c.name) for c in catalog.concepts]
-    folders += [f(c.name) for c in catalog.combinations for f in (layout.generated, layout.metrics)]
-    upstream = {str(folder.relative_to(layout.data)): (m.md5 if (m := read_manifest(folder)) else "missing")
-                for folder in folders}
+    upstream = upstream_md5s(catalog, "report")  # {"concepts/<c>/images": md5 or "missing", ...}
 
     def produce(staging):
         write_report(catalog, staging / "index.html")
         return {"params": {"concepts": len(catalog.concepts), "combinations": len(catalog.combinations)}}
 
-    return run_stage("report", catalog.project, layout.report(), catalog.project, upstream, produce, force)
+    row = stage("report")
+    return run_stage(row.name, catalog.project, row.folder(catalog), row.config_hash(catalog), upstream, produce, force)
