@@ -82,7 +82,7 @@ if TYPE_CHECKING:
     from conceptflow.adapters.effects import ConceptEffects
 
 MODELS = ("unet", "text_encoder")
-RECORDED_ENCODES = 16  # text-encoder calls kept for finding the UNet rows' token ids
+RECORDED_ENCODES = 16  # text-encoder outputs kept (references, not copies) to find UNet rows' token ids
 
 
 @dataclass
@@ -106,12 +106,16 @@ class _Call:
     batch: int
     groups: dict[int, torch.Tensor | None]  # branch -> row indices (None: every row)
     ids: torch.Tensor | None = None
+    masks: dict[int, torch.Tensor] = field(default_factory=dict)  # id(token ids) -> mask, for this call
 
     def token_mask(self, token_ids: torch.Tensor) -> torch.Tensor:
         """(rows, T) True where one of ``token_ids`` stands (in any layer variant)."""
         if self.ids is None:
             raise ConceptflowError("a token-position update ran but the token ids of this call are unknown")
-        return torch.isin(self.ids, token_ids.to(self.ids.device)).any(dim=1)
+        key = id(token_ids)
+        if key not in self.masks:
+            self.masks[key] = torch.isin(self.ids, token_ids.to(self.ids.device)).any(dim=1)
+        return self.masks[key]
 
 
 def _token_id(vocab: dict[str, int], tokenizer, token: str) -> int:
@@ -156,11 +160,12 @@ class BranchedConcepts:
         self._records: deque[tuple[torch.Tensor, torch.Tensor]] = deque(maxlen=RECORDED_ENCODES)
         self._generation = 0
         self._match_cache: tuple | None = None
-        self._group_cache: dict[tuple[str, int], dict[int, torch.Tensor | None]] = {}
+        self._group_cache: dict[tuple, dict[int, torch.Tensor | None]] = {}
         self._handles: list = []
         self._restore_rows: dict[int, torch.Tensor] = {}
         self._plans: dict[str, _LinearPlan] = {}
         self._residuals: list[tuple[int, int, torch.Tensor]] = []  # (branch, token id, vector)
+        self._needs_unet_ids = False  # some UNet linear has a token-position update
 
     # ------------------------------------------------------------------ public
     def set_branches(self, branch_of: Sequence[int]) -> None:
@@ -266,8 +271,9 @@ class BranchedConcepts:
                     table[token_id] = row
 
     # ------------------------------------------------------------------ rows
-    def _groups(self, model: str, batch: int) -> dict[int, torch.Tensor | None]:
-        key = (model, batch)
+    def _groups(self, model: str, batch: int, device: torch.device) -> dict[int, torch.Tensor | None]:
+        """Rows of a ``model`` call of ``batch`` rows per branch (None: all rows), cached until set_branches."""
+        key = (model, batch, device)
         if key in self._group_cache:
             return self._group_cache[key]
         if self.n_branches == 1:
@@ -285,12 +291,9 @@ class BranchedConcepts:
             groups = {}
             for branch in rows.unique().tolist():
                 index = (rows == branch).nonzero().flatten()
-                groups[branch] = None if len(index) == batch else index
+                groups[branch] = None if len(index) == batch else index.to(device)
         self._group_cache[key] = groups
         return groups
-
-    def _device_groups(self, groups, device):
-        return {k: None if v is None else v.to(device) for k, v in groups.items()}
 
     # ------------------------------------------------------------------ hooks
     def _linear_hook(self, plan: _LinearPlan):
@@ -329,8 +332,7 @@ class BranchedConcepts:
 
     def _unet_pre(self, module, args, kwargs):
         sample = kwargs["sample"] if "sample" in kwargs else args[0]
-        groups = self._device_groups(self._groups("unet", sample.shape[0]), sample.device)
-        call = _Call(sample.shape[0], groups)
+        call = _Call(sample.shape[0], self._groups("unet", sample.shape[0], sample.device))
         if self._needs_unet_ids:
             context = kwargs.get("encoder_hidden_states", args[2] if len(args) > 2 else None)
             call.ids = self._unet_ids(context, sample.shape[0]).to(sample.device)
@@ -341,7 +343,7 @@ class BranchedConcepts:
 
     def _text_pre(self, module, inputs):
         input_ids = inputs[0]
-        groups = self._device_groups(self._groups("text_encoder", input_ids.shape[0]), input_ids.device)
+        groups = self._groups("text_encoder", input_ids.shape[0], input_ids.device)
         self._calls["text_encoder"] = _Call(input_ids.shape[0], groups, input_ids.unsqueeze(1))
 
     def _text_post(self, module, inputs, output):
