@@ -13,10 +13,10 @@ from pathlib import Path
 from conceptflow.adapters.concept_io import EMBEDDING_PREFIX, WEIGHT_PREFIX, read_adapter, split_prefix
 from conceptflow.adapters.effects import ConceptEffects
 from conceptflow.errors import ConceptflowError
-from conceptflow.methods import conceptflow_s, edlora
+from conceptflow.methods import conceptflow_s, edlora, textual_inversion
 from conceptflow.methods.base import ConceptTrainConfig, ConceptTrainer, MethodSpec
 
-_BUILT_IN = (edlora.SPEC, conceptflow_s.SPEC)
+_BUILT_IN = (edlora.SPEC, conceptflow_s.SPEC, textual_inversion.SPEC)
 
 METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in _BUILT_IN}
 
