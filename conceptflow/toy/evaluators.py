@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import re
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -103,11 +104,25 @@ def prompt_pairs(prompt: str) -> list[tuple[str, str | None]]:
 
 # --- the evaluators -------------------------------------------------------------------------
 
-def _load_state(net: nn.Module, folder: Path) -> nn.Module:
-    from safetensors.torch import load_file
+class SavedEvaluator(ABC):
+    """An evaluator network loaded from its folder (``CONFIG_FILE`` + ``WEIGHTS_FILE``), in eval
+    mode on ``device``; ``config`` is its saved config and ``model_id`` the folder."""
 
-    net.load_state_dict(load_file(folder / WEIGHTS_FILE))
-    return net.eval()
+    @staticmethod
+    @abstractmethod
+    def build_net(config: dict) -> nn.Module:
+        """The untrained network of the sizes ``config`` records."""
+
+    def __init__(self, folder: str | Path, device: str = "cpu"):
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        self.config = json.loads((folder / CONFIG_FILE).read_text())
+        self.model_id = str(folder)
+        self.device = device
+        self.net = self.build_net(self.config)
+        self.net.load_state_dict(load_file(folder / WEIGHTS_FILE))
+        self.net = self.net.eval().to(device)
 
 
 @dataclass
@@ -126,15 +141,12 @@ class Recognition:
         return bool(self.pairs[index, PAIRS.index((shape, colour))] > PRESENT)
 
 
-class ToyRecogniser:
+class ToyRecogniser(SavedEvaluator):
     """Which shapes and colours are in an image, and how many objects."""
 
-    def __init__(self, folder: str | Path, device: str = "cpu"):
-        folder = Path(folder)
-        self.config = json.loads((folder / CONFIG_FILE).read_text())
-        self.model_id = str(folder)
-        self.device = device
-        self.net = _load_state(RecogniserNet(self.config["width"], self.config["features"]), folder).to(device)
+    @staticmethod
+    def build_net(config: dict) -> nn.Module:
+        return RecogniserNet(config["width"], config["features"])
 
     @torch.no_grad()
     def recognise(self, images: Sequence[Image.Image]) -> Recognition:
@@ -158,16 +170,12 @@ class ToyRecogniser:
         return F.normalize(rows, dim=-1)
 
 
-class ToyIdentityEncoder:
+class ToyIdentityEncoder(SavedEvaluator):
     """Same object instance or not: cosine of normalised instance embeddings."""
 
-    def __init__(self, folder: str | Path, device: str = "cpu"):
-        folder = Path(folder)
-        self.config = json.loads((folder / CONFIG_FILE).read_text())
-        self.model_id = str(folder)
-        self.device = device
-        self.net = _load_state(IdentityNet(self.config["width"], self.config["features"], self.config["dim"]),
-                               folder).to(device)
+    @staticmethod
+    def build_net(config: dict) -> nn.Module:
+        return IdentityNet(config["width"], config["features"], config["dim"])
 
     @torch.no_grad()
     def embed_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
