@@ -22,6 +22,14 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split
 registry_app = typer.Typer(no_args_is_help=True, help="Look concept and combination models up in MLflow.")
 app.add_typer(registry_app, name="registry")
 
+
+@app.callback(help=__doc__.split("\n")[0])
+def _tool_defaults() -> None:
+    # Before any command imports mlflow or prefect (both read settings on import).
+    from conceptflow.tool_env import use_tool_defaults
+
+    use_tool_defaults()
+
 CatalogOption = typer.Option(Path("catalog.yaml"), "--catalog", "-c", help="catalog YAML file")
 ForceOption = typer.Option(False, "--force", help="redo the stage even if its output is up to date")
 

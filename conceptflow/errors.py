@@ -19,3 +19,7 @@ class DataError(ConceptflowError):
 
 class ModelUnavailableError(ConceptflowError):
     """Weights or code for a requested model cannot be found or loaded."""
+
+
+class RegistryError(ConceptflowError):
+    """A stage output or registry entry cannot be logged, found or read (MLflow)."""

@@ -19,8 +19,11 @@ current champion's; an unscored version takes the alias only when there is no ch
 the champion has no score either.
 
 The store is ``MLFLOW_TRACKING_URI`` when set, else ``sqlite:///<project>/mlruns.db`` with
-artifacts in ``<project>/mlartifacts``. ``start_mlflow_server`` runs ``mlflow server`` on
-127.0.0.1 for the server mode (e.g. on PostgreSQL).
+artifacts in ``<project>/mlartifacts``. ``flows.server.mlflow_server`` runs ``mlflow server``
+on 127.0.0.1 for the server mode (e.g. on PostgreSQL).
+
+MLflow decides on telemetry when it is imported, so the opt-out (MLFLOW_DISABLE_TELEMETRY) and
+the quiet artifact transfers are set by the entry points (``conceptflow.tool_env``), not here.
 """
 
 from __future__ import annotations
@@ -28,27 +31,20 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import Mapping
 
-# No telemetry and no progress bars: the pipeline runs offline and logs to files.
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.exceptions import MlflowException
 
-from mlflow import MlflowClient  # noqa: E402
-from mlflow.entities import Metric, Param, RunStatus, RunTag  # noqa: E402
-from mlflow.exceptions import MlflowException  # noqa: E402
+from conceptflow.errors import ModelUnavailableError, RegistryError  # noqa: F401 - RegistryError is re-exported
+from conceptflow.fileio import atomic_directory, content_md5
+from conceptflow.stages.table import STAGE_NAMES
 
-from conceptflow.errors import ConceptflowError, ModelUnavailableError  # noqa: E402
-from conceptflow.fileio import atomic_directory, content_md5  # noqa: E402
-from conceptflow.services import free_port, local_service  # noqa: E402
-
-STAGES = ("ingest", "mask", "train", "fuse", "generate", "evaluate", "report")
+STAGES = STAGE_NAMES  # the stage table's names (conceptflow/stages/table.py)
 CHAMPION = "champion"
 ARTIFACT_MD5 = "artifact.md5"
 ARTIFACT_PATH = "output"  # where a run keeps its stage folder: runs:/<id>/output
@@ -56,10 +52,6 @@ SCORE = "score"
 SCORE_HIGHER_IS_BETTER = "score.higher_is_better"
 ARTIFACTS_LOGGED = "conceptflow.artifacts_logged"
 _BATCH = 100  # MLflow's per-request limit for params and tags (metrics allow 1000)
-
-
-class RegistryError(ConceptflowError):
-    """A stage output or registry entry cannot be logged, found or read."""
 
 
 # ---------------------------------------------------------------- store
@@ -379,28 +371,3 @@ def download(store: str | MlflowClient, model_name: str, alias: str | None, dst:
             fetched = Path(client.download_artifacts(entry["run_id"], artifact_path, scratch))
             shutil.copytree(fetched, staging, dirs_exist_ok=True)
     return dst
-
-
-# ---------------------------------------------------------------- server
-
-
-@contextmanager
-def start_mlflow_server(backend_store_uri: str, artifacts_dir: Path, port: int | None = None,
-                        timeout_s: float = 180.0) -> Iterator[tuple[subprocess.Popen, str]]:
-    """Run ``mlflow server`` on 127.0.0.1 (one worker, job execution off) until the block exits.
-
-    Yields (process, "http://127.0.0.1:<port>"). Artifacts are proxied by the server and land
-    in ``artifacts_dir``. The first start on an empty database also runs MLflow's migrations
-    (tens of seconds on PostgreSQL); later starts take ~7-10 s.
-    """
-    port = port or free_port()
-    uri = f"http://127.0.0.1:{port}"
-    artifacts_dir = Path(artifacts_dir)
-    artifacts_dir.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false", MLFLOW_DISABLE_TELEMETRY="true")
-    command = [sys.executable, "-m", "mlflow", "server",
-               "--backend-store-uri", normalise_database_uri(backend_store_uri),
-               "--artifacts-destination", str(artifacts_dir.resolve()),
-               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
-    with local_service("mlflow server", command, f"{uri}/health", env, timeout_s) as process:
-        yield process, uri

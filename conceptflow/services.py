@@ -1,5 +1,7 @@
 """Run a local HTTP service (``mlflow server``, ``prefect server start``) for a block of code.
 
+The two launchers that use it live in ``flows/server.py`` (``prefect_server``, ``mlflow_server``).
+
 The service starts in its own process group on 127.0.0.1 (servers that spawn workers stop
 with them), is polled on its health URL, and is stopped when the block exits. Its log is
 deleted on success and kept, with its path in the error, when it fails to start.

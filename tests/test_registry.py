@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conceptflow import registry
+from conceptflow import errors, registry
 from conceptflow.errors import ModelUnavailableError
 from conceptflow.fileio import content_md5
 
@@ -176,8 +176,9 @@ def test_lookup_of_missing_alias_names_the_model(store):
 
 
 def test_stage_folder_without_stage_json_is_a_user_error(store, tmp_path):
-    with pytest.raises(registry.RegistryError, match="stage.json"):
+    with pytest.raises(errors.RegistryError, match="stage.json"):  # a ConceptflowError: the CLI prints it
         registry.log_stage_run(store, "exp", tmp_path, LINEAGE, log_artifacts=False)
+    assert registry.RegistryError is errors.RegistryError and issubclass(errors.RegistryError, errors.ConceptflowError)
 
 
 def test_non_numeric_metric_is_a_user_error_and_logs_no_run(store, tmp_path):
@@ -225,7 +226,9 @@ def test_server_mode_on_postgresql_registers_and_looks_up_over_http(tmp_path):
     stage_dir = make_stage_dir(tmp_path, "dog+cat", b"fused-weights", stage="fuse")
     worse_dir = make_stage_dir(tmp_path, "dog+cat", b"fused-weights-worse", stage="fuse")
 
-    with registry.start_mlflow_server(backend, tmp_path / "artifacts") as (process, uri):
+    from flows.server import mlflow_server
+
+    with mlflow_server(backend, tmp_path / "artifacts") as (process, uri):
         assert uri.startswith("http://127.0.0.1:")
         run_id = registry.log_stage_run(uri, experiment, stage_dir, LINEAGE, log_artifacts=True)
         assert registry.register_version(uri, name, run_id, LINEAGE, 0.7) == ("1", True)
@@ -246,3 +249,12 @@ def test_server_mode_on_postgresql_registers_and_looks_up_over_http(tmp_path):
         client.delete_registered_model(name)
         client.delete_experiment(registry.experiment_id(client, experiment))
     assert process.poll() is not None
+
+
+def test_stage_names_come_from_the_stage_table():
+    from conceptflow.stages.register import STAGE_OF
+    from conceptflow.stages.table import STAGES
+
+    assert registry.STAGES == tuple(row.name for row in STAGES)
+    assert STAGE_OF == {"images": "ingest", "masks": "mask", "adapter": "train", "fused": "fuse",
+                        "generated": "generate", "metrics": "evaluate"}
