@@ -6,7 +6,7 @@ Every text-encoder q/k/v/out_proj and every UNet attention to_q/k/v/out.0 gets a
 rank-4 update per concept (stand-ins for trained LoRAs). Each concept's input Grams are
 captured with its own merged weights, as Mix-of-Show does: the text encoder on the concept's
 prompts, then the UNet for a few denoising steps from random latents on the concept's text
-embeddings. Both solvers then fuse every layer from those Grams; L-BFGS gets Mix-of-Show's
+embeddings (the sampling core's ``denoise`` without guidance, as gradient fusion captures). Both solvers then fuse every layer from those Grams; L-BFGS gets Mix-of-Show's
 budgets (500 iterations for text-encoder and cross-attention K/V layers, 50 for the rest).
 
 To benchmark real concepts, replace ``capture_random_concepts`` by a function with the same
@@ -31,6 +31,7 @@ from conceptflow.fuse.solvers import (
     lbfgs_fuse,
 )
 from conceptflow.models.loading import load_base_pipeline
+from conceptflow.sample.core import SamplingCore
 
 TEXT_LINEARS = ("q_proj", "k_proj", "v_proj", "out_proj")
 UNET_LINEARS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -93,15 +94,11 @@ def record_concept_inputs(pipeline, layers, word: str, denoising_steps: int, gen
                                 truncation=True, return_tensors="pt").input_ids
     embeddings = pipeline.text_encoder(padded)[0]
 
-    unet, scheduler = pipeline.unet, pipeline.scheduler
-    scheduler.set_timesteps(denoising_steps)
+    unet = pipeline.unet
     size = unet.config.sample_size
-    latents = torch.randn(1, unet.config.in_channels, size, size, generator=generator) * scheduler.init_noise_sigma
+    latents = torch.randn(1, unet.config.in_channels, size, size, generator=generator)
     with GramRecorder(unet_layers) as unet_recorder:
-        for timestep in scheduler.timesteps:
-            model_input = scheduler.scale_model_input(latents, timestep)
-            noise = unet(model_input, timestep, encoder_hidden_states=embeddings).sample
-            latents = scheduler.step(noise, timestep, latents).prev_sample
+        SamplingCore(pipeline).denoise(latents, embeddings, denoising_steps)
     recorders = (text_recorder, unet_recorder)
     return {name: (recorder.grams[name], recorder.counts[name]) for recorder in recorders for name in recorder.grams}
 

@@ -32,12 +32,12 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from conceptflow.adapters.tokens import concept_token_strings, write_embeddings  # noqa: E402
-from conceptflow.attention.processor import install_attention_controller  # noqa: E402
 from conceptflow.config import GenerateConfig  # noqa: E402
 from conceptflow.models.loading import load_base_pipeline  # noqa: E402
-from conceptflow.sample import conceptflow_m  # noqa: E402
-from conceptflow.sample.fused import SampleRequest, sample_images  # noqa: E402
-from conceptflow.sample.sama import BranchLayout  # noqa: E402
+from conceptflow.sample.conceptflow_m import pipeline as conceptflow_m  # noqa: E402
+from conceptflow.sample.conceptflow_m.sama import BranchLayout  # noqa: E402
+from conceptflow.sample.core import SampleRequest, SamplingCore  # noqa: E402
+from conceptflow.sample.fused import sample_images  # noqa: E402
 
 CONCEPTS = ("dog", "cat")
 PROMPTS = ("a <dog> and a <cat> on the beach", "a <cat> sitting next to a <dog>",
@@ -45,16 +45,16 @@ PROMPTS = ("a <dog> and a <cat> on the beach", "a <cat> sitting next to a <dog>"
 SEEDS = (0, 1)
 
 
-def pipeline_with_concepts(model_id: str):
-    pipeline = load_base_pipeline(model_id)
-    n_layers = len(install_attention_controller(pipeline.unet).cross_layers)
+def core_with_concepts(model_id: str) -> SamplingCore:
+    core = SamplingCore(load_base_pipeline(model_id))
+    pipeline, n_layers = core.pipeline, core.n_layers
     generator = torch.Generator().manual_seed(0)
     width = pipeline.text_encoder.get_input_embeddings().weight.shape[1]
     scale = float(pipeline.text_encoder.get_input_embeddings().weight.detach().std())
     write_embeddings(pipeline.tokenizer, pipeline.text_encoder,
                      {token: torch.randn(width, generator=generator) * scale
                       for name in CONCEPTS for token in concept_token_strings(name, n_layers)})
-    return pipeline
+    return core
 
 
 def unshared_references(seeds, valid, concepts, reference_seed):
@@ -88,7 +88,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    pipeline = pipeline_with_concepts(args.model)
+    core = core_with_concepts(args.model)
     requests = [SampleRequest(prompt, seed) for prompt in PROMPTS for seed in SEEDS]
     batch = len(requests)
 
@@ -97,14 +97,14 @@ def main() -> None:
                               conceptflow_m=conceptflow_m_config)
 
     def run_conceptflow_m(config):
-        conceptflow_m.sample_conceptflow_m(pipeline, requests, CONCEPTS, args.resolution, config)
+        conceptflow_m.sample_conceptflow_m(core, requests, CONCEPTS, args.resolution, config, attention_maps=False)
 
     def run_no_sharing():
         with without_reference_sharing():
             run_conceptflow_m(settings(reference_seed=None))
 
     variants = {
-        "plain": lambda: sample_images(pipeline, requests, CONCEPTS, args.resolution, args.steps, 7.5, batch),
+        "plain": lambda: sample_images(core, requests, CONCEPTS, args.resolution, args.steps, 7.5, batch),
         "conceptflow_m": lambda: run_conceptflow_m(settings()),
         "sama only": lambda: run_conceptflow_m(settings(layout_guidance=False)),
         "layout only": lambda: run_conceptflow_m(settings(sama=False)),

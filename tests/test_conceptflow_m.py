@@ -6,31 +6,32 @@ import torch
 import torch.nn.functional as F
 
 from conceptflow.adapters.tokens import concept_token_strings, write_embeddings
-from conceptflow.attention.processor import CrossAttentionMapRecorder, install_attention_controller
+from conceptflow.attention.processor import CrossAttentionMapRecorder, attention_controller_of
 from conceptflow.config import GenerateConfig
-from conceptflow.sample.conceptflow_m import (
-    ConceptFlowMBatch,
-    concept_token_positions,
-    named_concepts,
-    plan_references,
-    sample_conceptflow_m,
-    sample_conceptflow_m_with_maps,
-)
-from conceptflow.sample.fused import SampleRequest, decode_images, sample_images
-from conceptflow.sample.layout_guidance import (
+from conceptflow.sample import SAMPLERS
+from conceptflow.sample.conceptflow_m.layout_guidance import (
     LayoutGuidance,
     layout_layer_names,
     layout_loss,
     refine_maps,
     step_size,
 )
-from conceptflow.sample.sama import (
+from conceptflow.sample.conceptflow_m.pipeline import (
+    ConceptFlowMBatch,
+    concept_token_positions,
+    named_concepts,
+    plan_references,
+    sample_conceptflow_m,
+)
+from conceptflow.sample.conceptflow_m.sama import (
     combine_values,
     correspondence,
     foreground_masks,
     masked_cost_volume,
     warp_values,
 )
+from conceptflow.sample.core import SampleRequest, SamplingCore
+from conceptflow.sample.fused import sample_images
 
 CONCEPTS = ("dog", "cat")
 
@@ -38,7 +39,7 @@ CONCEPTS = ("dog", "cat")
 @pytest.fixture
 def concept_pipeline(tiny_pipeline):
     """The tiny base with random layer-wise tokens for <dog> and <cat>."""
-    n_layers = len(install_attention_controller(tiny_pipeline.unet).cross_layers)
+    n_layers = attention_controller_of(tiny_pipeline.unet).n_cross_layers
     generator = torch.Generator().manual_seed(0)
     write_embeddings(tiny_pipeline.tokenizer, tiny_pipeline.text_encoder,
                      {token: torch.randn(32, generator=generator)
@@ -120,7 +121,7 @@ def test_layout_loss_is_zero_at_first_step_maps_and_positive_elsewhere():
 
 def test_layout_gradient_moves_the_latent_and_lowers_the_loss(concept_pipeline):
     unet = concept_pipeline.unet
-    controller = install_attention_controller(unet)
+    controller = attention_controller_of(unet)
     prompts = ["a <dog> and a <cat>"]
     valid = named_concepts(prompts, CONCEPTS)
     positions = concept_token_positions(prompts, concept_pipeline.tokenizer, CONCEPTS, valid)
@@ -128,7 +129,7 @@ def test_layout_gradient_moves_the_latent_and_lowers_the_loss(concept_pipeline):
 
     with torch.no_grad():
         text = encode_layerwise(prompts, concept_pipeline.tokenizer, concept_pipeline.text_encoder,
-                                len(controller.cross_layers), CONCEPTS)
+                                controller.n_cross_layers, CONCEPTS)
     layers = layout_layer_names(controller.layers, "mid_block")
     guidance = LayoutGuidance(unet, controller, layers, positions, valid, steps=10, initial_step_size=0.5)
     generator = torch.Generator().manual_seed(5)
@@ -149,7 +150,7 @@ def test_layout_gradient_moves_the_latent_and_lowers_the_loss(concept_pipeline):
 
 def test_truncated_gradient_pass_stops_after_the_last_read_layer_and_keeps_the_gradient(concept_pipeline):
     unet = concept_pipeline.unet
-    controller = install_attention_controller(unet)
+    controller = attention_controller_of(unet)
     layers = layout_layer_names(controller.layers, "mid_block")
     assert layers and all(not name.startswith("up_blocks") for name in layers)
     positions = torch.tensor([[1, 2, 3, 4]])
@@ -164,9 +165,9 @@ def test_truncated_gradient_pass_stops_after_the_last_read_layer_and_keeps_the_g
     seen = []
 
     class Spy(CrossAttentionMapRecorder):
-        def edit_value(self, layer, query, key, value):
+        def edit_key_value(self, layer, query, key, value, context):
             seen.append(layer.name)
-            return value
+            return key, value
 
     with controller.use(Spy(positions, [])):
         variable = latents.clone().requires_grad_(True)
@@ -200,27 +201,28 @@ def test_both_off_reproduces_fused_sampling_bit_for_bit(concept_pipeline):
                 SampleRequest("a <dog> and a <cat>", 5)]
     plain = sample_images(concept_pipeline, requests, CONCEPTS, 64, steps=3, batch_size=2)
     ours = sample_conceptflow_m(concept_pipeline, requests, CONCEPTS, 64,
-                                settings(3, sama=False, layout_guidance=False, batch_size=2))
+                                settings(3, sama=False, layout_guidance=False, batch_size=2), attention_maps=False).images
     assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(ours, plain))
 
 
 def test_sama_with_the_reference_prompt_as_target_changes_nothing(concept_pipeline):
     """Target = reference (same prompt and seed): identity correspondence, so Eq. 8 gives V^trg."""
     requests = [SampleRequest("a photo of a <dog>", 11)]
-    with_sama = ConceptFlowMBatch(concept_pipeline, requests, CONCEPTS, 64,
+    core = SamplingCore(concept_pipeline)
+    with_sama = ConceptFlowMBatch(core, requests, CONCEPTS, 64,
                                   settings(6, layout_guidance=False, sama_start_step=2, reference_seed=None),
                                   want_maps=False)
     applied = []
-    original = with_sama.sama.edit_value
+    original = with_sama.sama.edit_key_value
 
-    def spy(layer, query, key, value):
-        edited = original(layer, query, key, value)
+    def spy(layer, query, key, value, context):
+        edited_key, edited = original(layer, query, key, value, context)
         applied.append(edited is not value)
-        return edited
+        return edited_key, edited
 
-    with_sama.sama.edit_value = spy
+    with_sama.sama.edit_key_value = spy
     latents = with_sama.run()
-    without = ConceptFlowMBatch(concept_pipeline, requests, CONCEPTS, 64,
+    without = ConceptFlowMBatch(core, requests, CONCEPTS, 64,
                                 settings(6, sama=False, layout_guidance=False), want_maps=False).run()
     assert sum(applied) == 4 * 3  # steps 2..5, mid + two decoder self-attention layers
     torch.testing.assert_close(latents, without, rtol=1e-4, atol=1e-3)
@@ -229,20 +231,22 @@ def test_sama_with_the_reference_prompt_as_target_changes_nothing(concept_pipeli
 def test_full_sampler_on_tiny_base(concept_pipeline):
     requests = [SampleRequest("a <dog> and a <cat>", 0), SampleRequest("a <dog> on the beach", 1),
                 SampleRequest("a <cat> next to a <dog>", 0)]
-    result = sample_conceptflow_m_with_maps(concept_pipeline, requests, CONCEPTS, 64,
-                                            settings(5, sama_start_step=3))
+    core = SamplingCore(concept_pipeline)
+    result = SAMPLERS["conceptflow_m"].sample(core, requests, CONCEPTS, 64, settings(5, sama_start_step=3))
     assert [image.size for image in result.images] == [(64, 64)] * 3
     assert [sorted(maps) for maps in result.attention_maps] == [["cat", "dog"], ["dog"], ["cat", "dog"]]
     for maps in result.attention_maps:
         for array in maps.values():
             assert array.shape == (16, 16) and array.min() == 0.0 and array.max() == pytest.approx(1.0)
-    plain_latents = ConceptFlowMBatch(concept_pipeline, requests, CONCEPTS, 64,
+    plain_latents = ConceptFlowMBatch(core, requests, CONCEPTS, 64,
                                       settings(5, sama=False, layout_guidance=False), want_maps=False).run()
-    plain = decode_images(concept_pipeline, plain_latents)
+    plain = core.decode(plain_latents)
+    # the registry's entry point also returns the plain fused images of the same requests
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(result.plain_images, plain))
     assert any(not np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(result.images, plain))
     # each component alone changes the targets (SAMA's references differ from them)
     for sama, layout_guidance in [(True, False), (False, True)]:
-        latents = ConceptFlowMBatch(concept_pipeline, requests, CONCEPTS, 64,
+        latents = ConceptFlowMBatch(core, requests, CONCEPTS, 64,
                                     settings(5, sama, layout_guidance, sama_start_step=3), want_maps=False).run()
         assert (latents - plain_latents).abs().amax() > 1e-3
 

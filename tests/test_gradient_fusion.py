@@ -8,7 +8,7 @@ import torch
 from conceptflow.adapters.effects import ConceptEffects
 from conceptflow.adapters.merge import base_weights
 from conceptflow.adapters.tokens import concept_token_strings
-from conceptflow.attention.processor import install_attention_controller
+from conceptflow.attention.processor import attention_controller_of
 from conceptflow.config import FuseConfig
 from conceptflow.fuse.average import average_fuse
 from conceptflow.fuse.gradient import _load_concept_weights, capture_unet, gradient_fuse
@@ -19,7 +19,7 @@ SCALE = 0.7
 
 def random_concept(pipeline, name: str, seed: int) -> ConceptEffects:
     generator = torch.Generator().manual_seed(seed)
-    n_layers = len(install_attention_controller(pipeline.unet).cross_layers)
+    n_layers = attention_controller_of(pipeline.unet).n_cross_layers
     embeddings = {token: torch.randn(32, generator=generator) * 0.1 for token in concept_token_strings(name, n_layers)}
     deltas = {}
     for model_name, suffixes in (("unet", (".to_q", ".to_k", ".to_v", ".to_out.0")),

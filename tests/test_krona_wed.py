@@ -18,7 +18,7 @@ from conceptflow.methods.conceptflow_s.krona_wed import (
     krona_wed_state_dict,
     load_krona_wed_state_dict,
 )
-from conceptflow.attention.processor import install_attention_controller
+from conceptflow.attention.processor import attention_controller_of
 from conceptflow.errors import ConceptflowError
 from conceptflow.models.embedded import embedded_model_path
 
@@ -150,7 +150,7 @@ def test_inject_wraps_every_attention_linear(tiny_unet):
 def test_injected_unet_equals_base_at_init(tiny_unet, with_controller):
     unet = copy.deepcopy(tiny_unet)
     if with_controller:
-        install_attention_controller(unet)
+        attention_controller_of(unet)
     inject_krona_wed(unet)
     inputs = unet_inputs(unet)
     with torch.no_grad():

@@ -1,10 +1,19 @@
 """The project's one attention-hook mechanism.
 
 Every attention layer of a UNet gets a ``HookedAttnProcessor``; the processors share one
-``AttentionController`` whose active hooks decide, per layer, whether attention
-probabilities are materialised (to record or regularise maps) and how values are edited
-(SAMA warping). With no hook active the processor runs ``scaled_dot_product_attention`` and
-gives the same result as diffusers' ``AttnProcessor2_0``.
+``AttentionController`` (``attention_controller_of(unet)`` installs it once and returns it)
+whose active hooks act at four points of each layer, in this order:
+
+1. ``edit_key_value``: the projected keys and values, with the context they came from (the
+   text at each token for cross-attention): per-token value updates (ToVA), reading keys
+   (Concept Conductor), SAMA's warped self-attention values;
+2. ``edit_scores``: the scaled scores before the softmax (layout biases: Cones 2, ConceptSplit);
+3. ``on_probs``: the softmax probabilities (record or regularise maps);
+4. ``on_output``: the attention output before the output projection.
+
+Scores and probabilities are materialised only in a layer where a hook asks for them
+(``wants_scores`` / ``wants_probs``); otherwise the processor runs
+``scaled_dot_product_attention`` and gives the same result as diffusers' ``AttnProcessor2_0``.
 
 Layer-wise text conditioning (ED-LoRA) rides on the same processor: a 4-D
 ``encoder_hidden_states`` of shape (batch, n_cross_layers, tokens, dim) gives each
@@ -54,11 +63,26 @@ class AttentionHook:
     def on_probs(self, layer: AttentionLayer, probs: torch.Tensor) -> None:
         """Receive the softmax attention probabilities (record maps, build losses)."""
 
-    def edit_value(
-        self, layer: AttentionLayer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
-    ) -> torch.Tensor:
-        """Return the values attention should use (default: unchanged)."""
-        return value
+    def edit_key_value(
+        self, layer: AttentionLayer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+        context: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return the keys and values attention should use (default: unchanged).
+
+        ``context`` (B, K, C) is what they were projected from: the layer's slice of the text
+        for cross-attention (after ``norm_cross``), the hidden states for self-attention; its
+        token k gives ``key[:, :, k]`` and ``value[:, :, k]``.
+        """
+        return key, value
+
+    def wants_scores(self, layer: AttentionLayer) -> bool:
+        """True to have ``edit_scores`` called in this layer (default: wherever it is overridden)."""
+        return type(self).edit_scores is not AttentionHook.edit_scores
+
+    def edit_scores(self, layer: AttentionLayer, scores: torch.Tensor) -> torch.Tensor:
+        """Return the scores the softmax should use: ``scores`` (B, heads, Q, K) are q·k scaled
+        by 1/sqrt(d), plus the attention mask where there is one (default: unchanged)."""
+        return scores
 
     def on_output(self, layer: AttentionLayer, hidden_states: torch.Tensor) -> torch.Tensor:
         """Edit or record the attention output (B, Q, C) before the output projection."""
@@ -70,11 +94,13 @@ class AttentionController:
 
     def __init__(self, layers: Sequence[AttentionLayer]):
         self.layers = tuple(layers)
+        self.cross_layers = tuple(layer for layer in self.layers if layer.is_cross)
         self.hooks: list[AttentionHook] = []
 
     @property
-    def cross_layers(self) -> tuple[AttentionLayer, ...]:
-        return tuple(layer for layer in self.layers if layer.is_cross)
+    def n_cross_layers(self) -> int:
+        """How many cross-attention layers there are: the layer count of layer-wise text."""
+        return len(self.cross_layers)
 
     @contextlib.contextmanager
     def use(self, *hooks: AttentionHook) -> Iterator["AttentionController"]:
@@ -132,13 +158,16 @@ class HookedAttnProcessor:
 
         hooks = self.controller.hooks
         for hook in hooks:
-            value = hook.edit_value(layer, query, key, value)
+            key, value = hook.edit_key_value(layer, query, key, value, context)
 
+        editors = [hook for hook in hooks if hook.wants_scores(layer)]
         listeners = [hook for hook in hooks if hook.wants_probs(layer)]
-        if listeners:
+        if editors or listeners:
             scores = torch.matmul(query, key.transpose(-1, -2)) * attn.scale
             if attention_mask is not None:
                 scores = scores + attention_mask
+            for hook in editors:
+                scores = hook.edit_scores(layer, scores)
             probs = scores.softmax(dim=-1).to(value.dtype)
             for hook in listeners:
                 hook.on_probs(layer, probs)
@@ -181,10 +210,10 @@ def attention_layers(unet) -> list[AttentionLayer]:
     return layers
 
 
-def install_attention_controller(unet) -> AttentionController:
-    """Give every attention layer of ``unet`` a hooked processor; return their controller.
+def attention_controller_of(unet) -> AttentionController:
+    """The controller of ``unet``'s hooked processors, installing them on first use.
 
-    Idempotent: a UNet that already has a controller keeps it.
+    Idempotent: a UNet that already has a controller keeps it (and its processors).
     """
     existing = getattr(unet, "attention_controller", None)
     if existing is not None:

@@ -8,7 +8,7 @@ layer's inputs *for concept i* (Mix-of-Show §3.3, ConceptFlow A.2.2), in Mix-of
 2. cross-attention K/V: the *fused* text encoder's output at concept i's tokens and EOS, each
    cross-attention layer reading its own layer variant;
 3. every other UNet layer: activations recorded while sampling 20 steps with concept i's own
-   model, without classifier-free guidance.
+   model, without classifier-free guidance (the sampling core's ``denoise`` with guidance off).
 
 Only Gram matrices X Xᵀ are accumulated (``GramRecorder``); the solve is the exact closed form
 anchored at W0 (or the L-BFGS reference, a setting).
@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from conceptflow.adapters.concept_io import get_linear, set_weights
 from conceptflow.adapters.effects import ConceptEffects
 from conceptflow.adapters.tokens import expand_prompt, layer_token, write_embeddings
-from conceptflow.attention.processor import install_attention_controller
+from conceptflow.attention.processor import attention_controller_of
 from conceptflow.fuse.gram import GramRecorder
 from conceptflow.fuse.solvers import (
     SPATIAL_ITERATIONS,
@@ -33,7 +33,7 @@ from conceptflow.fuse.solvers import (
     fusion_objective,
     lbfgs_fuse,
 )
-from conceptflow.sample.fused import initial_latents
+from conceptflow.sample.core import SamplingCore
 
 TEXT_PROMPTS = ("photo of a {}", "{}")
 SAMPLING_PROMPTS = ("a photo of a {}", "a {} in a garden", "a close-up photo of a {}")
@@ -68,7 +68,7 @@ def capture_text_encoder(pipeline, concept_name: str, n_layers: int, paths: Sequ
 @torch.no_grad()
 def capture_cross_attention_kv(pipeline, concept_name: str, paths: Sequence[str]) -> dict[str, torch.Tensor]:
     """Grams of the (fused) text encoder's output at the concept tokens and EOS, per cross layer."""
-    controller = install_attention_controller(pipeline.unet)
+    controller = attention_controller_of(pipeline.unet)
     grams: dict[str, torch.Tensor] = {}
     wanted = set(paths)
     for layer in controller.cross_layers:
@@ -93,22 +93,13 @@ def capture_cross_attention_kv(pipeline, concept_name: str, paths: Sequence[str]
 def capture_unet(pipeline, concept_name: str, paths: Sequence[str], resolution: int, seed: int,
                  steps: int = CAPTURE_STEPS) -> dict[str, torch.Tensor]:
     """Grams of the UNet layers' inputs while sampling ``steps`` steps (no CFG) with the concept."""
-    from diffusers import DPMSolverMultistepScheduler
-
-    from conceptflow.adapters.tokens import encode_layerwise
-
-    controller = install_attention_controller(pipeline.unet)
+    core = SamplingCore(pipeline)
     prompts = [template.format(f"<{concept_name}>") for template in SAMPLING_PROMPTS]
-    text = encode_layerwise(prompts, pipeline.tokenizer, pipeline.text_encoder, len(controller.cross_layers), [concept_name])
-    latents = initial_latents(pipeline, [seed + i for i in range(len(prompts))], resolution)
-    scheduler = DPMSolverMultistepScheduler.from_config(pipeline.scheduler.config)
-    scheduler.set_timesteps(steps, device=latents.device)
-    latents = latents * scheduler.init_noise_sigma
+    text = core.encode(prompts, [concept_name])
+    latents = core.initial_latents([seed + i for i in range(len(prompts))], resolution)
     modules = {path: get_linear(pipeline, path) for path in paths}
     with GramRecorder(modules) as recorder:
-        for timestep in scheduler.timesteps:
-            noise = pipeline.unet(scheduler.scale_model_input(latents, timestep), timestep, encoder_hidden_states=text).sample
-            latents = scheduler.step(noise, timestep, latents).prev_sample
+        core.denoise(latents, text, steps)
     return recorder.grams
 
 
@@ -137,8 +128,8 @@ def gradient_fuse(pipeline, catalog, combination, concepts: list[ConceptEffects]
                   base: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """Fused weights for every layer any concept adapts, and the objectives reached."""
     scale, solver = catalog.fuse.adapter_scale, catalog.fuse.solver
-    controller = install_attention_controller(pipeline.unet)
-    n_layers = len(controller.cross_layers)
+    controller = attention_controller_of(pipeline.unet)
+    n_layers = controller.n_cross_layers
     for concept in concepts:
         write_embeddings(pipeline.tokenizer, pipeline.text_encoder, concept.embeddings)
     names = [concept.meta["name"] for concept in concepts]

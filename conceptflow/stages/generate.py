@@ -14,7 +14,8 @@ from conceptflow.fileio import write_json_atomic
 from conceptflow.layout import Layout
 from conceptflow.models.loading import load_base_pipeline
 from conceptflow.plots import save_heatmap
-from conceptflow.sample.fused import SampleRequest, sample_images
+from conceptflow.sample import get_sampler
+from conceptflow.sample.core import SampleRequest, SamplingCore
 from conceptflow.stages.base import run_stage
 from conceptflow.stages.table import generate_settings, stage, upstream_md5s
 
@@ -30,22 +31,15 @@ def generate(catalog: Catalog, combination_name: str, sampler: str | None = None
         pipeline = load_base_pipeline(catalog.base_model_source, catalog.device, catalog.dtype)
         fused_model = read_concept(layout.fused(combination_name), pipeline)
         apply_concepts(pipeline, [fused_model])
-        plain = sample_images(pipeline, requests, combination.concepts, catalog.resolution, settings.steps,
-                              settings.guidance_scale, settings.batch_size, description=f"generate {combination_name}")
-        maps = [None] * len(requests)
-        if settings.sampler == "conceptflow_m":
-            from conceptflow.sample.conceptflow_m import sample_conceptflow_m_with_maps
-
-            samples = sample_conceptflow_m_with_maps(pipeline, requests, combination.concepts, catalog.resolution,
-                                                     settings, description=f"conceptflow-m {combination_name}")
-            images, maps = samples.images, samples.attention_maps
-        else:
-            images, plain = plain, None
+        result = get_sampler(settings.sampler).sample(SamplingCore(pipeline), requests, combination.concepts,
+                                                      catalog.resolution, settings, f"generate {combination_name}")
+        images, plain = result.images, result.plain_images
+        maps = result.attention_maps or [None] * len(requests)
         records = []
         for index, (request, image) in enumerate(zip(requests, images)):
             record = {"file": f"{index:03d}.png", "prompt": request.prompt, "seed": request.seed}
             image.save(staging / record["file"])
-            if plain is not None:  # the same prompt and seed without SAMA and layout guidance, for comparison
+            if plain is not None:  # the same prompt and seed from the plain fused sampler, for comparison
                 record["plain_file"] = f"plain/{index:03d}.png"
                 (staging / "plain").mkdir(exist_ok=True)
                 plain[index].save(staging / record["plain_file"])

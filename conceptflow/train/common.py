@@ -22,7 +22,7 @@ from conceptflow.adapters.tokens import (
     encode_layerwise,
     initial_embeddings,
 )
-from conceptflow.attention.processor import AttentionController, install_attention_controller
+from conceptflow.attention.processor import AttentionController, attention_controller_of
 
 # Mix-of-Show/DreamBooth-style caption templates; "{}" is the concept reference "<name>". An
 # image with its own caption (``000.txt`` from ingest) is trained with that caption instead.
@@ -101,7 +101,7 @@ def prepare_concept_training(pipeline, concept_name: str, class_word: str, image
                              captions: list[str | None] | None = None) -> ConceptTrainingSetup:
     from diffusers import DDPMScheduler
 
-    controller = install_attention_controller(pipeline.unet)
+    controller = attention_controller_of(pipeline.unet)
     n_layers = len(controller.cross_layers)
     token_ids = add_concept_tokens(pipeline.tokenizer, pipeline.text_encoder, concept_name, n_layers)
     generator = torch.Generator().manual_seed(seed)

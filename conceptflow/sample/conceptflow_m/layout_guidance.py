@@ -21,7 +21,7 @@ from typing import Sequence
 import torch
 
 from conceptflow.attention.processor import AttentionLayer, CrossAttentionMapRecorder
-from conceptflow.sample.sama import EPS, mean_concept_maps, normalize_maps
+from conceptflow.sample.conceptflow_m.sama import EPS, mean_concept_maps, normalize_maps
 
 BLOCK_RANK = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}
 

@@ -8,7 +8,7 @@ decoder features (Eq. 6-8); attention then runs with the target's queries and ke
 DreamMatcher (Nam et al., 2024) is the single-concept ancestor; unlike it we keep no cycle-
 consistency filter (ConceptFlow's Eq. 7 masks with M_k only).
 
-Row layout of the UNet batch (CFG halves first, as ``fused.denoise`` builds it)::
+Row layout of the UNet batch (CFG halves first, as the sampling core's ``denoise`` builds it)::
 
     [uncond: references (R) | targets (B)] [text: references (R) | targets (B)]
 """
@@ -185,13 +185,13 @@ class SamaHook(AttentionHook):
     def applies(self) -> bool:
         return self.step_index >= self.start_step and bool(self._previous)
 
-    def edit_value(self, layer, query, key, value):
+    def edit_key_value(self, layer, query, key, value, context):
         if layer.is_cross:
-            return value
+            return key, value
         if layer.name in self.descriptor_layers and self.step_index >= self.start_step - 1:
             self._current[layer.name] = query.detach().transpose(1, 2).flatten(2)  # (rows, Q, heads*d)
         if layer.name not in self.sama_layers or not self.applies:
-            return value
+            return key, value
         side = int(round(value.shape[-2] ** 0.5))
         masks = self._masks(side)
         edited = value.clone()
@@ -200,7 +200,7 @@ class SamaHook(AttentionHook):
             references = value[self.layout.reference_rows(half)]  # (B, K, heads, P, d)
             rows = self.layout.target_rows(half)
             edited[rows] = combine_values(value[rows], warp_values(references, flow), masks)
-        return edited
+        return key, edited
 
     def _masks(self, side: int) -> torch.Tensor:
         recorded = list(self.recorder.maps.values())

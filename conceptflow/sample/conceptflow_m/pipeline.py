@@ -1,7 +1,7 @@
 """ConceptFlow-M: multi-concept sampling from a fused model with SAMA and layout guidance (§4.2).
 
-The sampler is ``fused.denoise`` (DPM-Solver++ with classifier-free guidance) with two
-additions that plug in through the project's attention hooks and the per-step ``guide``:
+The sampler is the sampling core's ``denoise`` (DPM-Solver++ with classifier-free guidance)
+with two additions that plug in through the project's attention hooks and the per-step ``guide``:
 
 - SAMA (``sama.py``): reference branches "a photo of a <c>" ride in the same batched UNet call
   as the targets; their warped self-attention values replace the targets' inside each concept's
@@ -11,7 +11,7 @@ additions that plug in through the project's attention hooks and the per-step ``
   to the first step's.
 
 With both off and no attention maps asked for, no hook and no guide is installed and the
-images are ``sample_images``' bit for bit. A reference trajectory depends only on its concept,
+images are the fused sampler's (``fused.sample_images``) bit for bit. A reference trajectory depends only on its concept,
 its seed and the step (nothing flows back from the targets), so the batch holds one reference
 per distinct (concept, seed), shared by every target that needs it: by default all references
 start from one seed (``reference_seed``), so a batch carries one reference per concept; with
@@ -21,7 +21,6 @@ batches so that sharing is as large as the batch allows.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -29,27 +28,23 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from conceptflow.adapters.tokens import encode_layerwise, expand_prompt, layer_token
-from conceptflow.attention.processor import AttentionHook, CrossAttentionMapRecorder, install_attention_controller
-from conceptflow.config import CONCEPT_REFERENCE, ConceptFlowMConfig, GenerateConfig
-from conceptflow.sample.fused import SampleRequest, decode_images, denoise, initial_latents
-from conceptflow.sample.layout_guidance import LayoutGuidance, layout_layer_names
-from conceptflow.sample.sama import BranchLayout, SamaHook, mean_concept_maps, normalize_maps, sama_layer_names
+from conceptflow.adapters.tokens import expand_prompt, layer_token
+from conceptflow.attention.processor import AttentionHook, CrossAttentionMapRecorder
+from conceptflow.sample.conceptflow_m.config import ConceptFlowMConfig
+from conceptflow.sample.conceptflow_m.layout_guidance import LayoutGuidance, layout_layer_names
+from conceptflow.sample.conceptflow_m.sama import (
+    BranchLayout,
+    SamaHook,
+    mean_concept_maps,
+    normalize_maps,
+    sama_layer_names,
+)
+from conceptflow.sample.core import SampleRequest, SamplingCore
+from conceptflow.sample.fused import sample_images
+from conceptflow.sample.registry import SamplingResult
+from conceptflow.schema import CONCEPT_REFERENCE
 
 REFERENCE_PROMPT = "a photo of a <{}>"  # §4.2.1: P_k = "a photo of S_k"
-
-
-@dataclass
-class ConceptFlowMSamples:
-    """Images in request order and, if asked for, each image's concept maps.
-
-    ``attention_maps[i][concept]`` is the concept's cross-attention map in image i (mean over
-    steps, cross-attention layers, heads and the concept's two tokens; latent resolution,
-    min-max normalised to [0, 1]) for each concept its prompt names.
-    """
-
-    images: list[Image.Image]
-    attention_maps: list[dict[str, np.ndarray]] | None = None
 
 
 def named_concepts(prompts: Sequence[str], concepts: Sequence[str]) -> torch.Tensor:
@@ -104,23 +99,27 @@ class _MainPassHooks(AttentionHook):
     def on_probs(self, layer, probs):
         self.recorder.on_probs(layer, probs)
 
-    def edit_value(self, layer, query, key, value):
+    def edit_key_value(self, layer, query, key, value, context):
         if self.active and self.sama is not None:
-            return self.sama.edit_value(layer, query, key, value)
-        return value
+            return self.sama.edit_key_value(layer, query, key, value, context)
+        return key, value
 
 
 class ConceptFlowMBatch:
-    """One batch of targets (and their references) through the whole denoising loop."""
+    """One batch of targets (and their references) through the whole denoising loop.
 
-    def __init__(self, pipeline, requests: Sequence[SampleRequest], concepts: Sequence[str], resolution: int,
-                 settings: GenerateConfig, want_maps: bool):
-        self.pipeline = pipeline
+    ``settings`` is the catalog's ``GenerateConfig`` (``steps``, ``guidance_scale`` and
+    ``conceptflow_m``, a ``ConceptFlowMConfig``).
+    """
+
+    def __init__(self, core: SamplingCore, requests: Sequence[SampleRequest], concepts: Sequence[str],
+                 resolution: int, settings, want_maps: bool):
+        self.core = core
         self.concepts = list(concepts)
         self.settings = settings
         self.config: ConceptFlowMConfig = settings.conceptflow_m
         self.want_maps = want_maps
-        self.controller = install_attention_controller(pipeline.unet)
+        self.controller = core.controller
         prompts = [r.prompt for r in requests]
         seeds = [r.seed for r in requests]
         self.valid = named_concepts(prompts, self.concepts)
@@ -128,14 +127,10 @@ class ConceptFlowMBatch:
             seeds, self.valid if self.config.sama else torch.zeros_like(self.valid), self.concepts,
             self.config.reference_seed)
         self.reference_keys = reference_keys
-        n_layers = len(self.controller.cross_layers)
-        with torch.no_grad():
-            self.text = encode_layerwise([REFERENCE_PROMPT.format(name) for name, _ in reference_keys] + prompts,
-                                         pipeline.tokenizer, pipeline.text_encoder, n_layers, self.concepts)
-            self.uncond = encode_layerwise([""] * self.layout.n_rows, pipeline.tokenizer, pipeline.text_encoder,
-                                           n_layers)
-        self.latents = initial_latents(pipeline, [seed for _, seed in reference_keys] + seeds, resolution)
-        self.target_positions = concept_token_positions(prompts, pipeline.tokenizer, self.concepts, self.valid)
+        self.text = core.encode([REFERENCE_PROMPT.format(name) for name, _ in reference_keys] + prompts, self.concepts)
+        self.uncond = core.encode_uncond(self.layout.n_rows)
+        self.latents = core.initial_latents([seed for _, seed in reference_keys] + seeds, resolution)
+        self.target_positions = concept_token_positions(prompts, core.pipeline.tokenizer, self.concepts, self.valid)
         self.map_size = self.latents.shape[-1]
         self.map_sum = torch.zeros(len(requests), len(self.concepts), self.map_size, self.map_size)
         self._build_hooks()
@@ -164,7 +159,7 @@ class ConceptFlowMBatch:
         self.guidance = None
         if config.layout_guidance:
             self.guidance = LayoutGuidance(
-                self.pipeline.unet, self.controller, self.layout_layers, self.target_positions, self.valid,
+                self.core.unet, self.controller, self.layout_layers, self.target_positions, self.valid,
                 self.settings.steps, config.layout_threshold, config.layout_adjustment, config.layout_step_size,
                 self.map_size)
 
@@ -201,10 +196,10 @@ class ConceptFlowMBatch:
     def run(self) -> torch.Tensor:
         """The targets' final latents."""
         steps, scale = self.settings.steps, self.settings.guidance_scale
-        if self.plain:  # exactly sample_images' call: no hook, no guide
-            return denoise(self.pipeline, self.text, self.uncond, self.latents, steps, scale)
-        latents = denoise(self.pipeline, self.text, self.uncond, self.latents, steps, scale,
-                          hooks=(self.main_hooks,), guide=self.guide)
+        if self.plain:  # exactly the fused sampler's call: no hook, no guide
+            return self.core.denoise(self.latents, self.text, steps, uncond=self.uncond, guidance_scale=scale)
+        latents = self.core.denoise(self.latents, self.text, steps, uncond=self.uncond, guidance_scale=scale,
+                                    hooks=(self.main_hooks,), guide=self.guide)
         self._finish_step(steps - 1)
         return latents[self.layout.n_references :]
 
@@ -222,30 +217,36 @@ def batch_order(requests: Sequence[SampleRequest], config: ConceptFlowMConfig) -
     return list(range(len(requests)))
 
 
-def sample_conceptflow_m_with_maps(pipeline, requests: Sequence[SampleRequest], concepts: Sequence[str],
-                                   resolution: int, settings: GenerateConfig, return_attention_maps: bool = True,
-                                   description: str = "conceptflow-m") -> ConceptFlowMSamples:
-    """ConceptFlow-M images for ``requests`` (and, if asked, their concept attention maps).
+def sample_conceptflow_m(core_or_pipeline, requests: Sequence[SampleRequest], concepts: Sequence[str],
+                         resolution: int, settings, attention_maps: bool = True,
+                         description: str = "conceptflow-m") -> SamplingResult:
+    """ConceptFlow-M images for ``requests`` and, if asked, their concept attention maps.
 
     ``settings.conceptflow_m`` switches SAMA and layout guidance and holds their parameters;
-    ``settings.steps``/``guidance_scale``/``batch_size`` are the fused sampler's.
+    ``settings.steps``/``guidance_scale``/``batch_size`` are the fused sampler's. A map
+    (``attention_maps[i][concept]``) is the mean over steps, cross-attention layers, heads and
+    the concept's two tokens, at latent resolution, min-max normalised to [0, 1].
     """
+    core = SamplingCore.of(core_or_pipeline)
     order = batch_order(requests, settings.conceptflow_m)
     images: list[Image.Image | None] = [None] * len(requests)
     maps: list[dict[str, np.ndarray] | None] = [None] * len(requests)
     for start in tqdm(range(0, len(order), settings.batch_size), desc=description, leave=False):
         indices = order[start : start + settings.batch_size]
-        chunk = ConceptFlowMBatch(pipeline, [requests[i] for i in indices], concepts, resolution, settings,
-                              return_attention_maps)
-        decoded = decode_images(pipeline, chunk.run())
-        chunk_maps = chunk.attention_maps() if return_attention_maps else [None] * len(indices)
+        chunk = ConceptFlowMBatch(core, [requests[i] for i in indices], concepts, resolution, settings, attention_maps)
+        decoded = core.decode(chunk.run())
+        chunk_maps = chunk.attention_maps() if attention_maps else [None] * len(indices)
         for i, image, image_maps in zip(indices, decoded, chunk_maps):
             images[i], maps[i] = image, image_maps
-    return ConceptFlowMSamples(images, maps if return_attention_maps else None)
+    return SamplingResult(images, maps if attention_maps else None)
 
 
-def sample_conceptflow_m(pipeline, requests: Sequence[SampleRequest], concepts: Sequence[str], resolution: int,
-                         settings: GenerateConfig) -> list[Image.Image]:
-    """One ConceptFlow-M image per request (the generate stage's entry point)."""
-    return sample_conceptflow_m_with_maps(pipeline, requests, concepts, resolution, settings,
-                                          return_attention_maps=False).images
+def sample(core_or_pipeline, requests: Sequence[SampleRequest], concepts: Sequence[str], resolution: int, settings,
+           description: str = "generate") -> SamplingResult:
+    """The registry's entry point: ConceptFlow-M images with their attention maps, and the plain
+    fused images of the same requests (same steps and seeds) for comparison."""
+    core = SamplingCore.of(core_or_pipeline)
+    plain = sample_images(core, requests, concepts, resolution, settings.steps, settings.guidance_scale,
+                          settings.batch_size, description=f"{description} (plain)")
+    result = sample_conceptflow_m(core, requests, concepts, resolution, settings, description=description)
+    return SamplingResult(result.images, result.attention_maps, plain)

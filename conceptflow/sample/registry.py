@@ -1,0 +1,76 @@
+"""The samplers: one module or folder each, one registry row each (``SAMPLERS``).
+
+A row names the sampler, its settings class (the catalog's ``generate.<name>``, None if it has
+none), its default step count and its entry point, a ``"module:function"`` reference imported
+on first use (so that reading a catalog does not import every sampler)::
+
+    sample(core_or_pipeline, requests, concepts, resolution, settings, description) -> SamplingResult
+
+``core_or_pipeline`` is a ``SamplingCore`` (or a loaded pipeline, wrapped in one), ``requests``
+the ``SampleRequest``s, ``concepts`` the loaded concept names the prompts may reference,
+``settings`` the catalog's ``GenerateConfig`` (``steps``, ``guidance_scale``, ``batch_size`` and
+the sampler's own settings at ``getattr(settings, name)``), ``description`` a progress label.
+
+Adding a sampler: write ``conceptflow/sample/<name>.py`` (or a folder like ``conceptflow_m/``)
+with its ``sample`` and, if it has settings, a pydantic config class; add its row to
+``_BUILT_IN``. The generate stage, the catalog's ``generate.sampler`` choices and the benchmarks
+read this registry; nothing else names a sampler.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from pydantic import BaseModel
+
+from conceptflow.errors import ConceptflowError
+from conceptflow.sample.conceptflow_m.config import ConceptFlowMConfig
+
+
+@dataclass
+class SamplingResult:
+    """A sampler's images in request order and what it has beside them.
+
+    ``attention_maps[i][concept]``: the concept's (H, W) map in image i, in [0, 1], for each
+    concept its prompt names (None when the sampler records none); ``plain_images``: the same
+    requests from the plain fused sampler, for comparison (None when the sampler is plain).
+    """
+
+    images: list
+    attention_maps: list[dict[str, Any]] | None = None
+    plain_images: list | None = None
+
+
+@dataclass(frozen=True)
+class SamplerSpec:
+    """One registry row: a sampler's name, settings class, default steps and entry point."""
+
+    name: str
+    config: type[BaseModel] | None
+    default_steps: int
+    entry_point: str  # "module:function", the function of the module docstring's signature
+    summary: str = ""
+
+    def sample(self, core_or_pipeline, requests, concepts, resolution: int, settings,
+               description: str = "generate") -> SamplingResult:
+        module_name, _, attribute = self.entry_point.partition(":")
+        function: Callable[..., SamplingResult] = getattr(importlib.import_module(module_name), attribute)
+        return function(core_or_pipeline, requests, concepts, resolution, settings, description)
+
+
+_BUILT_IN = (
+    SamplerSpec("fused", None, 20, "conceptflow.sample.fused:sample",
+                "DPM-Solver++ with classifier-free guidance, no hook"),
+    SamplerSpec("conceptflow_m", ConceptFlowMConfig, 50, "conceptflow.sample.conceptflow_m.pipeline:sample",
+                "ConceptFlow-M: SAMA reference branches + layout-consistency guidance (50 steps, A.2.2)"),
+)
+
+SAMPLERS: dict[str, SamplerSpec] = {spec.name: spec for spec in _BUILT_IN}
+
+
+def get_sampler(name: str) -> SamplerSpec:
+    if name not in SAMPLERS:
+        raise ConceptflowError(f"unknown sampler {name!r}; known: {sorted(SAMPLERS)}")
+    return SAMPLERS[name]
