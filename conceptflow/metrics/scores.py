@@ -20,7 +20,7 @@ import warnings
 
 import torch
 
-from conceptflow.config import CONCEPT_REFERENCE
+from conceptflow.schema import CONCEPT_REFERENCE
 from conceptflow.errors import CatalogError
 
 KID_SEED = 0
