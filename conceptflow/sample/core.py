@@ -11,8 +11,8 @@ benchmarks use:
   DPM-Solver++ loop, with classifier-free guidance when ``uncond`` is given (one UNet call on
   ``[uncond, text]``) and without it otherwise (one call on ``text`` alone, as gradient fusion
   captures its inputs); ``hooks`` are active in every UNet call and ``guide(latents, timestep,
-  step_index) -> latents`` runs before each (with gradients enabled: a guidance step may
-  differentiate through its own UNet pass);
+  step_index) -> latents`` runs before each, outside the steps' ``no_grad`` (so a guidance step
+  may differentiate through a UNet pass of its own);
 - ``predict_and_step``: one step of that loop (noise prediction, guidance, scheduler step);
 - ``decode(latents)``: PIL images.
 

@@ -102,7 +102,7 @@ def prepare_concept_training(pipeline, concept_name: str, class_word: str, image
     from diffusers import DDPMScheduler
 
     controller = attention_controller_of(pipeline.unet)
-    n_layers = len(controller.cross_layers)
+    n_layers = controller.n_cross_layers
     token_ids = add_concept_tokens(pipeline.tokenizer, pipeline.text_encoder, concept_name, n_layers)
     generator = torch.Generator().manual_seed(seed)
     initial = initial_embeddings(pipeline.tokenizer, pipeline.text_encoder, class_word, n_layers, generator)
