@@ -12,12 +12,13 @@ from pathlib import Path
 from typing import Annotated, Literal, Union
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, create_model, field_validator, model_validator
 
 from conceptflow.errors import CatalogError
 from conceptflow.methods import METHODS
 from conceptflow.methods.conceptflow_s.config import ConceptFlowSTrainConfig
 from conceptflow.methods.edlora.config import LoRATrainConfig
+from conceptflow.sample import SAMPLERS
 from conceptflow.sample.conceptflow_m.config import ConceptFlowMConfig
 from conceptflow.schema import CONCEPT_NAME, CONCEPT_REFERENCE, StrictModel
 
@@ -88,19 +89,26 @@ class MaskConfig(StrictModel):
     text_threshold: float = 0.25
 
 
-class GenerateConfig(StrictModel):
-    sampler: Literal["fused", "conceptflow_m"] = "fused"
-    steps: int = Field(20, ge=1, description="DPM-Solver steps; 50 by default for conceptflow_m (A.2.2)")
+class _GenerateSettings(StrictModel):
+    sampler: Literal[tuple(SAMPLERS)] = Field("fused", description="one of conceptflow.sample.SAMPLERS")
+    steps: int = Field(20, ge=1, description="DPM-Solver steps; when unset, the sampler's default "
+                       "(SamplerSpec.default_steps: 20 for fused, 50 for conceptflow_m as in A.2.2)")
     guidance_scale: float = 7.5
     batch_size: int = Field(4, ge=1)
-    conceptflow_m: ConceptFlowMConfig = Field(default_factory=ConceptFlowMConfig)
 
     @model_validator(mode="before")
     @classmethod
-    def _paper_steps_for_conceptflow_m(cls, data):
-        if isinstance(data, dict) and data.get("sampler") == "conceptflow_m" and "steps" not in data:
-            data = {**data, "steps": 50}
+    def _sampler_default_steps(cls, data):
+        if isinstance(data, dict) and "steps" not in data and data.get("sampler") in SAMPLERS:
+            data = {**data, "steps": SAMPLERS[data["sampler"]].default_steps}
         return data
+
+
+# Each sampler with settings gets its field (``generate.conceptflow_m: {...}``) from the registry.
+GenerateConfig = create_model(
+    "GenerateConfig", __base__=_GenerateSettings, __doc__="How the generate stage samples (see conceptflow.sample).",
+    **{name: (spec.config, Field(default_factory=spec.config, description=spec.summary))
+       for name, spec in SAMPLERS.items() if spec.config is not None})
 
 
 class FuseConfig(StrictModel):
