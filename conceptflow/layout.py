@@ -1,6 +1,7 @@
 """Where every artifact of a catalog lives (the DVC workspace under ``data/``).
 
-dvc.yaml names the same paths; keep the two in step.
+The stage table (stages/table.py) names the method holding each stage's output; dvc.yaml's
+outs name the same paths, and tests/test_stage_table.py checks that they do.
 """
 
 from __future__ import annotations

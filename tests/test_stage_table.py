@@ -85,7 +85,7 @@ def expected_deps(catalog: Catalog, row: Stage, item: str | None, rows: dict[str
 def dvc_params(definition: dict) -> list[str]:
     keys = []
     for entry in definition.get("params", []):
-        assert isinstance(entry, dict) and list(entry) == ["catalog.yaml"], f"params must come from catalog.yaml: {entry}"
+        assert isinstance(entry, dict) and list(entry) == ["catalog.yaml"], f"params not from catalog.yaml: {entry}"
         keys += entry["catalog.yaml"]
     return keys
 
@@ -160,7 +160,8 @@ def test_drift_is_reported(no_fingerprint):
         s[stage]["do"]["params"][0]["catalog.yaml"] = _without(stages[stage]["do"]["params"][0]["catalog.yaml"], key)
 
     assert any("fuse@" in p and "params" in p for p in changed(lambda s: drop_param(s, "fuse", "base_model")))
-    assert any("params" in p for p in changed(lambda s: s["evaluate"]["do"]["params"][0]["catalog.yaml"].append("seed")))
+    assert any("params" in p
+               for p in changed(lambda s: s["evaluate"]["do"]["params"][0]["catalog.yaml"].append("seed")))
     assert any("evaluate@" in p and "deps" in p
                for p in changed(lambda s: s["evaluate"]["do"].update(deps=["data/generated/${key}"])))
     assert any("deps" in p for p in changed(lambda s: s["train"]["do"]["deps"].append("data/fused")))
@@ -168,7 +169,8 @@ def test_drift_is_reported(no_fingerprint):
     assert any("report" in p and "params" in p for p in changed(lambda s: s["report"].pop("params")))
     assert any("stages" in p for p in changed(lambda s: s.update(extra={"cmd": "true"})))
     assert any("stages" in p for p in changed(lambda s: s.pop("mask")))
-    assert any("runs it per combination" in p for p in changed(lambda s: s.update(mask={**s["mask"], "foreach": "${combinations}"})))
+    assert any("runs it per combination" in p
+               for p in changed(lambda s: s.update(mask={**s["mask"], "foreach": "${combinations}"})))
     assert any("cmd" in p for p in changed(lambda s: s["ingest"]["do"].update(cmd="conceptflow mask --concept ${key}")))
 
     # ... and drift of the table: an upstream, a config part or a folder dvc.yaml does not list
@@ -180,7 +182,8 @@ def test_drift_is_reported(no_fingerprint):
 
     assert drift(DVC_YAML, raw, catalog, with_row(name="generate", upstream=("fuse", "train")))
     extra = by_name["evaluate"].config
-    assert drift(DVC_YAML, raw, catalog, with_row(name="evaluate", config=lambda c, i: (*extra(c, i), table.Part("seed", c.seed))))
+    with_seed = with_row(name="evaluate", config=lambda c, i: (*extra(c, i), table.Part("seed", c.seed)))
+    assert drift(DVC_YAML, raw, catalog, with_seed)
     assert drift(DVC_YAML, raw, catalog, with_row(name="fuse", layout="generated"))
 
 

@@ -4,7 +4,8 @@ A stage output is a folder holding the artifact, ``stage.json`` (params, metrics
 what the registry logs) and ``.manifest.json`` (the Manifest: content hash, config hash and
 upstream hashes). A stage whose folder already carries the manifest key it would produce,
 with unchanged content, is skipped: that is how a second run with nothing changed redoes
-nothing, whichever way it is started (CLI, Prefect flow or ``dvc repro``).
+nothing, whichever way it is started (CLI, Prefect flow or ``dvc repro``). Each stage takes
+its folder, config hash and upstream md5s from the stage table (``stages/table.py``).
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Stage 7: log every stage output to MLflow and register concept and combination versions.
+"""After the stages (no stage-table row: it writes no folder of its own): log every stage output to
+MLflow and register concept and combination versions.
 
 Lineage tags say exactly what made a version: the DVC md5s of its data (from dvc.lock), the
 config hash, the git revision and the base model (id and content hash); a combination also

@@ -1,4 +1,4 @@
-"""Stage 8: the HTML report of the catalog's current artifacts."""
+"""Stage 7, once per catalog: the HTML report of the catalog's current artifacts."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The stage table: each pipeline stage once, with what it fans out over, what it reads and where it writes.
+"""The stage table: each pipeline stage once, with its fan-out, what it reads and where it writes.
 
 A row (``Stage``) holds a stage's name, its fan-out (one run per ``concept``, per
 ``combination`` or one per ``catalog``), its upstream stages, its config slice (the catalog
@@ -174,7 +174,7 @@ def upstream_items(catalog: Catalog, row: Stage, upstream: Stage, item: str | No
         return (item,)
     if (row.fan_out, upstream.fan_out) == ("combination", "concept"):
         return catalog.combination(item).concepts
-    raise ConceptflowError(f"stage {row.name} ({row.fan_out}) cannot read stage {upstream.name} ({upstream.fan_out})")
+    raise ValueError(f"stage table: {row.name} ({row.fan_out}) cannot read {upstream.name} ({upstream.fan_out})")
 
 
 def upstream_folders(catalog: Catalog, name: str, item: str | None = None) -> Iterator[tuple[Stage, str, Path]]:
