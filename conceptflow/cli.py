@@ -204,9 +204,15 @@ def pretrain_toy(out: Path = typer.Option(Path("assets/toy-base"), help="destina
 def export_lycoris(adapter: Path = typer.Argument(..., help="a trained conceptflow_s concept folder"),
                    output: Path = typer.Argument(..., help="destination .safetensors (LyCORIS/kohya keys)")):
     """Write a KronA-WED concept as a LyCORIS LoKr (dora_wd) file for ComfyUI/A1111/kohya."""
-    from conceptflow.methods.conceptflow_s.lycoris import export_concept_folder
+    from conceptflow.adapters.concept_io import read_adapter
+    from conceptflow.methods import METHODS, get_method
 
-    export_concept_folder(adapter, output)
+    method = read_adapter(adapter)[1].get("method")
+    able = sorted(name for name, spec in METHODS.items() if "lycoris" in spec.exporters)
+    if method not in METHODS or "lycoris" not in get_method(method).exporters:
+        raise ConceptflowError(f"{adapter} was trained with method {method!r}; only {', '.join(able)} concepts "
+                               "export to LyCORIS LoKr files")
+    get_method(method).exporter("lycoris")(adapter, output)
     typer.echo(f"wrote {output}")
 
 

@@ -21,10 +21,7 @@ from conceptflow.adapters.merge import apply_concepts
 from conceptflow.adapters.tokens import concept_token_strings, encode_layerwise
 from conceptflow.errors import ConceptflowError
 
-try:  # task C is renaming the installer (issue 10); either name installs the hooked processors
-    from conceptflow.attention.processor import attention_controller_of
-except ImportError:
-    from conceptflow.attention.processor import install_attention_controller as attention_controller_of
+from conceptflow.attention.processor import attention_controller_of
 
 ATOL = 1e-5  # float32, outputs O(1); measured differences are <= 1.6e-6
 
