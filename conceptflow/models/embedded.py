@@ -1,4 +1,4 @@
-"""Tiny models the project builds itself from configs, so everything runs offline on a CPU.
+"""Models the project builds itself from configs (tiny ones, and one of SD 1.5's shape), so everything runs offline.
 
 Each embedded model has an id ``embedded:<name>``; it is built once, seeded, saved in the
 library's own format (diffusers / transformers) under the cache folder and from then on
@@ -178,10 +178,110 @@ def build_tiny_dino(folder: Path) -> None:
     ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
 
 
+# ---------------------------------------------------------------- SD-1.5-shaped (random weights)
+# The configs of runwayml/stable-diffusion-v1-5 (unet/, vae/, text_encoder/, scheduler/ config.json),
+# written out here so that nothing is fetched from a hub.
+SD15_UNET_CONFIG: dict = dict(
+    sample_size=64,
+    in_channels=4,
+    out_channels=4,
+    center_input_sample=False,
+    flip_sin_to_cos=True,
+    freq_shift=0,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    block_out_channels=(320, 640, 1280, 1280),
+    layers_per_block=2,
+    downsample_padding=1,
+    mid_block_scale_factor=1,
+    act_fn="silu",
+    norm_num_groups=32,
+    norm_eps=1e-5,
+    cross_attention_dim=768,
+    attention_head_dim=8,
+)
+SD15_VAE_CONFIG: dict = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(128, 256, 512, 512),
+    layers_per_block=2,
+    act_fn="silu",
+    latent_channels=4,
+    norm_num_groups=32,
+    sample_size=512,
+    scaling_factor=0.18215,
+)
+# CLIP ViT-L/14's text tower (openai/clip-vit-large-patch14), as SD 1.5's text_encoder.
+SD15_TEXT_CONFIG: dict = dict(
+    vocab_size=49408,
+    hidden_size=768,
+    intermediate_size=3072,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    max_position_embeddings=77,
+    hidden_act="quick_gelu",
+    layer_norm_eps=1e-5,
+    projection_dim=768,
+    bos_token_id=49406,
+    eos_token_id=49407,
+    pad_token_id=49407,
+)
+SD15_SCHEDULER_CONFIG: dict = dict(  # PNDM, as SD 1.5 ships; DDIM/DPM-Solver read the same fields
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    num_train_timesteps=1000,
+    clip_sample=False,
+    set_alpha_to_one=False,
+    skip_prk_steps=True,
+    steps_offset=1,
+    trained_betas=None,
+)
+SD15_STORAGE_DTYPE = torch.float16  # on disk; ``from_pretrained(torch_dtype=...)`` casts on load
+
+
+@seeded_build
+def build_sd15_shaped_pipeline(tokenizer):
+    """A ``StableDiffusionPipeline`` with SD 1.5's architecture and random (seeded) float32 weights."""
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    return StableDiffusionPipeline(
+        vae=AutoencoderKL.from_config(SD15_VAE_CONFIG),
+        text_encoder=CLIPTextModel(CLIPTextConfig(**SD15_TEXT_CONFIG)),
+        tokenizer=tokenizer,
+        unet=UNet2DConditionModel.from_config(SD15_UNET_CONFIG),
+        scheduler=PNDMScheduler.from_config(SD15_SCHEDULER_CONFIG),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def build_sd15_shaped(folder: Path) -> None:
+    """SD 1.5's architecture with random weights, as a diffusers folder (``embedded:sd15-shaped``).
+
+    UNet 860 M parameters (16 cross-attention layers, 320/640/1280/1280, 64x64 latents at 512 px),
+    VAE 84 M (x8, scaling 0.18215), CLIP ViT-L/14 text encoder 123 M, the real CLIP tokenizer,
+    SD 1.5's PNDM scheduler config. Weights are stored in float16 (~2 GB instead of ~4 GB;
+    loading casts to the dtype asked for), so a float32 load sees float16-rounded random weights.
+    Loaded by the same ``from_pretrained`` path as ``runwayml/stable-diffusion-v1-5``: shapes and
+    memory are real, images are noise.
+    """
+    tokenizer = build_clip_tokenizer(folder / "tokenizer_build")
+    pipeline = build_sd15_shaped_pipeline(tokenizer)
+    pipeline.to(SD15_STORAGE_DTYPE)
+    pipeline.save_pretrained(folder, safe_serialization=True)
+    shutil.rmtree(folder / "tokenizer_build")
+
+
 EMBEDDED_BUILDERS: dict[str, Callable[[Path], None]] = {
     "tiny-sd": build_tiny_sd,
     "tiny-clip": build_tiny_clip,
     "tiny-dino": build_tiny_dino,
+    "sd15-shaped": build_sd15_shaped,
 }
 
 
