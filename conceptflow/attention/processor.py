@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import torch
+import torch.utils.checkpoint
 import torch.nn.functional as F
 
 BLOCK_ORDER = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}
@@ -111,6 +112,35 @@ class AttentionController:
         finally:
             for hook in hooks:
                 self.hooks.remove(hook)
+
+    @contextlib.contextmanager
+    def exactly(self, hooks: Sequence[AttentionHook]) -> Iterator["AttentionController"]:
+        """Make exactly ``hooks`` active for a ``with`` block, whatever was active before."""
+        previous, self.hooks = self.hooks, list(hooks)
+        try:
+            yield self
+        finally:
+            self.hooks = previous
+
+
+def enable_hooked_gradient_checkpointing(unet) -> None:
+    """diffusers' gradient checkpointing, with the hooks of each forward active in its recomputation.
+
+    Checkpointing recomputes a block's forward pass during backward, when the hooks that were
+    active in the forward (e.g. a map recorder that materialises attention probabilities) have
+    usually been deactivated; the recomputation would then run another computation and torch
+    refuses it. Each checkpointed call remembers the active hooks and reinstates exactly those
+    for its recomputation (non-reentrant checkpointing's ``context_fn``).
+    """
+    controller = attention_controller_of(unet)
+
+    def checkpointed(module, *args):
+        hooks = tuple(controller.hooks)
+        return torch.utils.checkpoint.checkpoint(
+            module.__call__, *args, use_reentrant=False,
+            context_fn=lambda: (contextlib.nullcontext(), controller.exactly(hooks)))
+
+    unet.enable_gradient_checkpointing(checkpointed)
 
 
 class HookedAttnProcessor:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass, field
-from typing import Callable, Mapping
+from typing import Callable, Literal, Mapping
 
 import torch
 from pydantic import Field
@@ -42,6 +42,12 @@ class ConceptTrainConfig(StrictModel):
     masked_loss: bool = Field(True, description="restrict the denoising loss to the foreground mask")
     checkpoint_every: int = Field(50, ge=1)
     log_every: int = Field(10, ge=1)
+    mixed_precision: Literal["no", "fp16", "bf16"] = Field(
+        "no", description="fp16/bf16: frozen base in half precision, trainable parameters and optimizer state in "
+        "float32, autocast forward passes, a grad scaler for fp16; no: everything in the catalog's dtype")
+    gradient_checkpointing: bool = Field(
+        False, description="recompute the UNet's activations in the backward pass (diffusers' non-reentrant "
+        "checkpointing): less memory for more time")
 
 
 class ConceptTrainer:

@@ -8,6 +8,7 @@ import shutil
 import torch
 
 from conceptflow.adapters.concept_io import save_adapter
+from conceptflow.attention.processor import enable_hooked_gradient_checkpointing
 from conceptflow.config import Catalog
 from conceptflow.data.ingest import ingested_captions, ingested_images
 from conceptflow.layout import Layout
@@ -18,6 +19,7 @@ from conceptflow.stages.base import flat_params, run_stage
 from conceptflow.stages.table import stage, upstream_md5s
 from conceptflow.train.common import prepare_concept_training
 from conceptflow.train.loop import run_training
+from conceptflow.train.precision import Precision, base_dtype_name, trainable_in_float32
 
 
 def train(catalog: Catalog, concept_name: str, force: bool = False, stop_after: int | None = None):
@@ -32,15 +34,20 @@ def train(catalog: Catalog, concept_name: str, force: bool = False, stop_after: 
 
     def produce(staging):
         torch.manual_seed(catalog.seed)
-        pipeline = load_base_pipeline(catalog.base_model_source, catalog.device, catalog.dtype)
+        pipeline = load_base_pipeline(catalog.base_model_source, catalog.device,
+                                      base_dtype_name(config.mixed_precision, catalog.dtype))
         image_paths = ingested_images(layout.images(concept_name))
         setup = prepare_concept_training(
             pipeline, concept_name, concept.class_word, image_paths, ingested_images(layout.masks(concept_name)),
             catalog.resolution, catalog.seed, ingested_captions(image_paths))
+        if config.gradient_checkpointing:
+            enable_hooked_gradient_checkpointing(pipeline.unet)
         method = get_method(config.method).build_trainer(setup, config, device=catalog.device)
+        trainable_in_float32(p for group in method.parameter_groups() for p in group["params"])
         history = run_training(method, config.steps, catalog.seed, layout.checkpoints(concept_name), run_key,
                                config.checkpoint_every, config.log_every, description=f"train {concept_name}",
-                               stop_after=stop_after)
+                               stop_after=stop_after,
+                               precision=Precision(config.mixed_precision, torch.device(catalog.device).type))
         if stop_after is not None and stop_after < config.steps:
             raise InterruptedError(f"training of {concept_name} stopped at step {stop_after} on request")
         tensors, method_meta = method.export()

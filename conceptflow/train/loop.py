@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from conceptflow.fileio import atomic_path, write_json_atomic
+from conceptflow.train.precision import Precision
 from conceptflow.seeding import step_generator
 
 CHECKPOINT_DIR = "checkpoint"
@@ -57,17 +58,22 @@ def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torc
     optimizer.load_state_dict({"state": state, "param_groups": described["param_groups"]})
 
 
-def save_checkpoint(folder: Path, step: int, method: TrainingMethod, optimizer, run_key: str) -> None:
+def save_checkpoint(folder: Path, step: int, method: TrainingMethod, optimizer, run_key: str,
+                    precision: Precision | None = None) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     optimizer_tensors, optimizer_description = _optimizer_tensors(optimizer)
     tensors = {f"param.{k}": v.detach().cpu().contiguous() for k, v in method.trainable_state().items()}
     tensors.update(optimizer_tensors)
     with atomic_path(folder / "state.safetensors") as temporary:
         save_file(tensors, str(temporary))
-    write_json_atomic(folder / "progress.json", {"step": step, "run_key": run_key, "optimizer": optimizer_description})
+    progress = {"step": step, "run_key": run_key, "optimizer": optimizer_description}
+    if precision is not None and precision.state():
+        progress["grad_scaler"] = precision.state()
+    write_json_atomic(folder / "progress.json", progress)
 
 
-def load_checkpoint(folder: Path, method: TrainingMethod, optimizer, run_key: str) -> int:
+def load_checkpoint(folder: Path, method: TrainingMethod, optimizer, run_key: str,
+                    precision: Precision | None = None) -> int:
     """Restore and return the step reached; 0 when there is no checkpoint of this run."""
     progress_path = folder / "progress.json"
     if not progress_path.is_file() or not (folder / "state.safetensors").is_file():
@@ -78,32 +84,36 @@ def load_checkpoint(folder: Path, method: TrainingMethod, optimizer, run_key: st
     tensors = load_file(str(folder / "state.safetensors"))
     method.load_trainable_state({k.removeprefix("param."): v for k, v in tensors.items() if k.startswith("param.")})
     _restore_optimizer(optimizer, tensors, progress["optimizer"])
+    if precision is not None:
+        precision.load_state(progress.get("grad_scaler", {}))
     return int(progress["step"])
 
 
 def run_training(method: TrainingMethod, steps: int, seed: int, checkpoint_root: Path, run_key: str,
                  checkpoint_every: int, log_every: int, description: str = "train",
                  on_log: Callable[[int, dict], None] | None = None,
-                 stop_after: int | None = None) -> list[dict]:
+                 stop_after: int | None = None, precision: Precision | None = None) -> list[dict]:
     """Optimise ``method`` for ``steps`` steps (resuming if a checkpoint of this run exists).
 
     ``stop_after`` ends the run early at that step (after checkpointing), as a kill would;
-    tests use it to check that resuming reproduces an uninterrupted run.
+    tests use it to check that resuming reproduces an uninterrupted run. ``precision`` runs the
+    forward passes under autocast and scales fp16 losses (``conceptflow.train.precision``).
     Returns the logged metrics (one dict per ``log_every`` steps).
     """
+    precision = precision or Precision()
     optimizer = torch.optim.AdamW(method.parameter_groups(), weight_decay=0.0)
     checkpoint_folder = Path(checkpoint_root) / CHECKPOINT_DIR
-    start = load_checkpoint(checkpoint_folder, method, optimizer, run_key)
+    start = load_checkpoint(checkpoint_folder, method, optimizer, run_key, precision)
     if start:
         method.after_step()  # re-derive step-dependent state (e.g. frozen embeddings) as it was
     history = []
     progress = tqdm(range(start, steps), initial=start, total=steps, desc=description, leave=False)
     for step in progress:
         generator = step_generator(seed, step)
-        loss, logs = method.loss(step, generator)
+        with precision.autocast():
+            loss, logs = method.loss(step, generator)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        precision.backward_and_step(loss, optimizer)
         method.after_step()
         done = step + 1
         if done % log_every == 0 or done == steps:
@@ -113,7 +123,7 @@ def run_training(method: TrainingMethod, steps: int, seed: int, checkpoint_root:
             if on_log:
                 on_log(done, record)
         if done % checkpoint_every == 0 or done == steps or done == stop_after:
-            save_checkpoint(checkpoint_folder, done, method, optimizer, run_key)
+            save_checkpoint(checkpoint_folder, done, method, optimizer, run_key, precision)
         if stop_after is not None and done >= stop_after:
             break
     progress.close()
