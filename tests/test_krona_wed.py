@@ -23,6 +23,7 @@ from conceptflow.errors import ConceptflowError
 from conceptflow.models.embedded import embedded_model_path
 
 FORWARD_MODES = ["factored", "materialized"]
+AXES = ["rows", "columns"]
 # (out, in): tiny-base sizes (below 16 × 16, where factorization's divisibility rule kicks in),
 # sizes whose factors are not the divisibility shortcut, and non-square A and B.
 LAYER_SHAPES = [(32, 32), (64, 32), (48, 80), (96, 40)]
@@ -52,8 +53,11 @@ def randomise(module: KronaWEDLinear, seed: int) -> None:
 
 
 def closed_form_weight(module: KronaWEDLinear, detach_norm: bool = False) -> torch.Tensor:
-    """W' = m ⊙ (W0 + A⊗B) / ‖W0 + A⊗B‖ (rows), written with torch.kron."""
+    """W' = m ⊙ (W0 + A⊗B) / ‖W0 + A⊗B‖ (per row or per column), written with torch.kron."""
     direction = module.base_layer.weight + torch.kron(module.kron_a, module.kron_b)
+    if module.weight_decompose == "columns":
+        norms = direction.norm(dim=0, keepdim=True)
+        return module.magnitude.unsqueeze(0) * direction / (norms.detach() if detach_norm else norms)
     norms = direction.norm(dim=1, keepdim=True)
     return module.magnitude.unsqueeze(1) * direction / (norms.detach() if detach_norm else norms)
 
@@ -72,24 +76,28 @@ def test_factorization_matches_lycoris(factor):
         assert factorization(dimension, factor) == lycoris_factorization(dimension, factor), dimension
 
 
+@pytest.mark.parametrize("weight_decompose", AXES)
 @pytest.mark.parametrize("forward_mode", FORWARD_MODES + ["auto"])
 @pytest.mark.parametrize(("out_features", "in_features"), LAYER_SHAPES)
-def test_equals_base_layer_at_init(out_features, in_features, forward_mode):
+def test_equals_base_layer_at_init(out_features, in_features, forward_mode, weight_decompose):
     torch.manual_seed(0)
     base = nn.Linear(in_features, out_features)
-    module = KronaWEDLinear(base, forward_mode=forward_mode)
+    module = KronaWEDLinear(base, forward_mode=forward_mode, weight_decompose=weight_decompose)
+    assert module.magnitude.shape == ((out_features,) if weight_decompose == "rows" else (in_features,))
     inputs = torch.randn(3, 5, in_features)
     assert torch.count_nonzero(module.kron_a) > 0 and torch.count_nonzero(module.kron_b) == 0
     torch.testing.assert_close(module(inputs), base(inputs), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(module.delta_weight(), torch.zeros_like(base.weight), rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("weight_decompose", AXES)
 @pytest.mark.parametrize("forward_mode", FORWARD_MODES)
 @pytest.mark.parametrize(("out_features", "in_features"), LAYER_SHAPES)
 @pytest.mark.parametrize("bias", [True, False])
-def test_matches_closed_form(out_features, in_features, bias, forward_mode):
+def test_matches_closed_form(out_features, in_features, bias, forward_mode, weight_decompose):
     torch.manual_seed(1)
-    module = KronaWEDLinear(nn.Linear(in_features, out_features, bias=bias), forward_mode=forward_mode)
+    module = KronaWEDLinear(nn.Linear(in_features, out_features, bias=bias), forward_mode=forward_mode,
+                            weight_decompose=weight_decompose)
     randomise(module, seed=2)
     weight = closed_form_weight(module)
     inputs = torch.randn(4, 3, in_features)
@@ -98,14 +106,17 @@ def test_matches_closed_form(out_features, in_features, bias, forward_mode):
     torch.testing.assert_close(module(inputs), expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(module.merged_weight(), weight, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(module.delta_weight(), weight - module.base_layer.weight, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(module.merged_weight().norm(dim=1), module.magnitude, rtol=1e-5, atol=1e-6)
+    norm_axis = 1 if weight_decompose == "rows" else 0
+    torch.testing.assert_close(module.merged_weight().norm(dim=norm_axis), module.magnitude, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("weight_decompose", AXES)
 @pytest.mark.parametrize("detach_norm", [False, True])
 @pytest.mark.parametrize("forward_mode", FORWARD_MODES)
-def test_gradients_match_closed_form(forward_mode, detach_norm):
+def test_gradients_match_closed_form(forward_mode, detach_norm, weight_decompose):
     torch.manual_seed(3)
-    module = KronaWEDLinear(nn.Linear(48, 64), forward_mode=forward_mode, detach_norm=detach_norm)
+    module = KronaWEDLinear(nn.Linear(48, 64), forward_mode=forward_mode, detach_norm=detach_norm,
+                            weight_decompose=weight_decompose)
     randomise(module, seed=4)
     inputs = torch.randn(6, 48, requires_grad=True)
     target = torch.randn(6, 64)
@@ -171,17 +182,19 @@ def test_gradients_reach_exactly_the_adapter(tiny_unet):
     assert all(torch.count_nonzero(unet.get_parameter(name).grad) > 0 for name in adapter_names)
 
 
-def test_state_dict_round_trip(tiny_unet):
+@pytest.mark.parametrize("weight_decompose", AXES)
+def test_state_dict_round_trip(tiny_unet, weight_decompose):
     unet = copy.deepcopy(tiny_unet)
-    modules = inject_krona_wed(unet)
+    modules = inject_krona_wed(unet, weight_decompose=weight_decompose)
     for index, module in enumerate(modules.values()):
         randomise(module, seed=10 + index)
     state = krona_wed_state_dict(modules)
     assert len(state) == 3 * 56 and all(key.rsplit(".", 1)[1] in ("kron_a", "kron_b", "magnitude") for key in state)
 
     restored = copy.deepcopy(tiny_unet)
-    loaded = load_krona_wed_state_dict(restored, state)
+    loaded = load_krona_wed_state_dict(restored, state, weight_decompose=weight_decompose)
     assert loaded.keys() == modules.keys()
+    assert all(module.weight_decompose == weight_decompose for module in loaded.values())
     inputs = unet_inputs(unet, seed=1)
     with torch.no_grad():
         expected = unet(**inputs).sample
@@ -212,3 +225,40 @@ def test_load_rejects_foreign_tensors(tiny_unet):
     with pytest.raises(ConceptflowError, match="do not fit"):
         load_krona_wed_state_dict(unet, {f"{path}.kron_a": torch.zeros(4, 4), f"{path}.kron_b": torch.zeros(8, 16),
                                          f"{path}.magnitude": torch.zeros(64)})
+
+
+def test_axes_differ_and_load_with_the_wrong_axis_is_refused(tiny_unet):
+    """Row and column norms are different functions (so the axis matters), and m's length is checked."""
+    torch.manual_seed(6)
+    base = nn.Linear(32, 64)
+    rows, columns = (KronaWEDLinear(base, weight_decompose=axis) for axis in AXES)
+    for module in (rows, columns):
+        randomise(module, seed=7)
+    with torch.no_grad():
+        columns.kron_a.copy_(rows.kron_a)
+        columns.kron_b.copy_(rows.kron_b)
+    assert (rows.merged_weight() - columns.merged_weight()).abs().max() > 0.1
+
+    unet = copy.deepcopy(tiny_unet)
+    modules = inject_krona_wed(unet, weight_decompose="columns")
+    path = next(p for p, m in modules.items() if m.in_features != m.out_features)
+    state = {k: v for k, v in krona_wed_state_dict(modules).items() if k.startswith(f"{path}.")}
+    with pytest.raises(ConceptflowError, match="one per output row"):
+        load_krona_wed_state_dict(copy.deepcopy(tiny_unet), state, weight_decompose="rows")
+
+
+def test_weight_decompose_default_keeps_config_hashes():
+    """'rows' (the default, and the only axis before the setting) is left out of dumps, so the
+    config hash of every existing concept is unchanged; 'columns' is written and hashed."""
+    from conceptflow.config import config_hash
+    from conceptflow.methods.conceptflow_s.config import ConceptFlowSTrainConfig
+
+    # The exclusion is tied to the value "rows": if the default ever changes, absent must still
+    # mean "rows" for old catalogs, so the exclusion has to be revisited with it.
+    assert ConceptFlowSTrainConfig.model_fields["weight_decompose"].default == "rows"
+    rows, columns = ConceptFlowSTrainConfig(), ConceptFlowSTrainConfig(weight_decompose="columns")
+    assert "weight_decompose" not in rows.model_dump(mode="json")
+    assert columns.model_dump(mode="json")["weight_decompose"] == "columns"
+    assert config_hash(rows) == config_hash(ConceptFlowSTrainConfig.model_validate(rows.model_dump(mode="json")))
+    assert config_hash(rows) != config_hash(columns)
+    assert ConceptFlowSTrainConfig.model_validate(columns.model_dump(mode="json")).weight_decompose == "columns"

@@ -14,6 +14,13 @@ class ConceptFlowSTrainConfig(ConceptTrainConfig):
 
     method: Literal["conceptflow_s"] = "conceptflow_s"
     kron_factor: int = Field(16, ge=1, description="LyCORIS factorization(dim, factor)")
+    # Left out of dumps (hence of config hashes and concept.json's config) while "rows", the only
+    # axis before this setting existed: absent means "rows", so existing concepts keep their hash.
+    weight_decompose: Literal["rows", "columns"] = Field(
+        "rows", exclude_if=lambda value: value == "rows",
+        description="KronA-WED's weight-decomposition axis: 'rows' = norm and m per output row (LyCORIS "
+        "wd_on_output=True; exports exactly only as full 'diff' keys), 'columns' = per input column "
+        "(wd_on_output=False, dora_scale (1, in): the LoKr form ComfyUI and A1111 compute exactly)")
     lr_adapter: float = 5e-4
     lr_image_adapter: float = 1e-3
     weight_text_only: float = Field(0.001, description="weight of L_denoise(text only)")

@@ -4,9 +4,15 @@ For a frozen linear layer with weight W0 (torch layout: out × in) the adapted w
 
     W' = m ⊙ (W0 + A ⊗ B) / ‖W0 + A ⊗ B‖                                   (Eq. 2, Eq. 20)
 
-with the norm taken per output row (as peft DoRA and LyCORIS ≥ 3.2 ``dora_wd`` with
-``wd_on_output=True`` do), m ∈ R^out initialised to ‖W0‖ per row, A ∈ R^{a1×a2}
-He-initialised and B ∈ R^{b1×b2} zero, so W' = W0 at the start. a1·b1 = out, a2·b2 = in;
+with the norm taken along one axis, ``weight_decompose``:
+
+* ``"rows"``: per output row (as peft DoRA and LyCORIS ≥ 3.2 ``dora_wd`` with
+  ``wd_on_output=True`` do), m ∈ R^out initialised to ‖W0‖ per row;
+* ``"columns"``: per input column (the DoRA paper's ‖·‖_c, LyCORIS ``wd_on_output=False``, the
+  only form AUTOMATIC1111 computes and the one ComfyUI computes correctly), m ∈ R^in
+  initialised to ‖W0‖ per column: W' = (W0 + A⊗B) · diag(m / ‖W0 + A⊗B‖_col).
+
+A ∈ R^{a1×a2} is He-initialised and B ∈ R^{b1×b2} zero, so W' = W0 at the start. a1·b1 = out, a2·b2 = in;
 (a1, b1) and (a2, b2) come from :func:`factorization` with one factor f (Eq. 18, the rule of
 LyCORIS). A and B are full matrices (LyCORIS LoKr with ``full_matrix``), which makes this
 module interchangeable with LyCORIS's LoKr with ``dora_wd=True`` (see ``lycoris_io``).
@@ -25,8 +31,10 @@ Two forward forms give the same values and gradients (``forward_mode``):
 * ``"factored"`` never builds A ⊗ B: (A ⊗ B) x = vec(A · X · Bᵀ) with X = x reshaped to
   (a2, b2), row-major; ‖W0_r + (A⊗B)_r‖² = ‖W0_r‖² + 2⟨W0_r, A_i ⊗ B_k⟩ + ‖A_i‖²‖B_k‖² for
   row r = (i, k), the middle term contracted over W0 viewed as (a1, b1, a2, b2); then
-  y = (m / ‖·‖) ⊙ (W0 x + (A ⊗ B) x) + bias. Its backward has no weight-gradient GEMM
-  (W0 is frozen) but makes several passes over the token-sized activations.
+  y = (m / ‖·‖) ⊙ (W0 x + (A ⊗ B) x) + bias. With column norms the scale multiplies the input
+  instead, y = W0 x' + (A ⊗ B) x' + bias with x' = (m / ‖·‖_col) ⊙ x, and ‖W0_c + (A⊗B)_c‖² =
+  ‖W0_c‖² + 2⟨W0_c, A_:j ⊗ B_:l⟩ + ‖A_:j‖²‖B_:l‖² for column c = (j, l). Its backward has no
+  weight-gradient GEMM (W0 is frozen) but makes several passes over the token-sized activations.
 * ``"materialized"`` builds W' (a few passes over the out × in weight) and calls ``F.linear``,
   whose backward adds one tokens × out × in weight-gradient GEMM.
 
@@ -36,7 +44,8 @@ traffic of one form against the weight-sized work of the other).
 backward, factored / materialized): tiny base 32–64 wide, 256–1024 tokens: 2.4–3.2 (slower);
 SD 320 self-attention at 1024/4096 tokens: 1.22/1.43; SD 640 at 256/1024 tokens: 0.94/1.14;
 SD 1280 at 64/256 tokens: 0.41/0.59; cross-attention K/V (77 text tokens, input 768) at
-320/640/1280: 0.74/0.58/0.50. Neither form wins everywhere, so the default ``"auto"`` picks
+320/640/1280: 0.74/0.58/0.50 (row norms; the column-norm cross term is an elementwise pass
+over W0 rather than a matmul on its view, not measured separately). Neither form wins everywhere, so the default ``"auto"`` picks
 per call: factored when tokens · (in + out) ≤ out · in, materialised otherwise; it picked the
 faster form in all twelve measured cases. On the tiny base that is always the materialised
 form; on SD at batch 1 it is factored for the text K/V layers, the 1280-wide blocks and the
@@ -66,6 +75,9 @@ from conceptflow.errors import ConceptflowError
 DEFAULT_FACTOR = 16  # ConceptFlow A.2.2: "decomposition factor f = 16"
 STATE_SUFFIXES = ("kron_a", "kron_b", "magnitude")
 FORWARD_MODES = ("auto", "factored", "materialized")
+# "rows": m and the norm per output row (LyCORIS wd_on_output=True, dora_scale (out, 1));
+# "columns": per input column (wd_on_output=False, dora_scale (1, in)).
+WEIGHT_DECOMPOSE_AXES = ("rows", "columns")
 
 
 def factorization(dimension: int, factor: int = DEFAULT_FACTOR) -> tuple[int, int]:
@@ -95,11 +107,13 @@ class KronaWEDLinear(nn.Module):
         forward_mode: "auto" (per call, the form the module docstring's rule says is faster),
             "factored" or "materialized".
         detach_norm: treat ‖W0 + A⊗B‖ as a constant in the backward pass (peft DoRA).
+        weight_decompose: "rows" (m and the norm per output row, m of ``out`` values) or
+            "columns" (per input column, m of ``in`` values); see the module docstring.
     """
 
     def __init__(self, base_layer: nn.Linear, factor: int = DEFAULT_FACTOR,
                  a_shape: tuple[int, int] | None = None, forward_mode: str = "auto",
-                 detach_norm: bool = False) -> None:
+                 detach_norm: bool = False, weight_decompose: str = "rows") -> None:
         super().__init__()
         out_features, in_features = base_layer.weight.shape
         if a_shape is None:
@@ -109,6 +123,9 @@ class KronaWEDLinear(nn.Module):
             raise ValueError(f"A of shape {tuple(a_shape)} does not tile a {out_features}×{in_features} weight")
         if forward_mode not in FORWARD_MODES:
             raise ValueError(f"forward_mode must be one of {FORWARD_MODES}, not {forward_mode!r}")
+        if weight_decompose not in WEIGHT_DECOMPOSE_AXES:
+            raise ValueError(f"weight_decompose must be one of {WEIGHT_DECOMPOSE_AXES}, not {weight_decompose!r}")
+        self.weight_decompose = weight_decompose
         self.base_layer = base_layer.requires_grad_(False)
         self.in_features, self.out_features = in_features, out_features
         self.forward_mode, self.detach_norm = forward_mode, detach_norm
@@ -118,9 +135,13 @@ class KronaWEDLinear(nn.Module):
         self.kron_a = nn.Parameter(torch.empty(a1, a2, device=base_weight.device))
         nn.init.kaiming_uniform_(self.kron_a, a=math.sqrt(5))
         self.kron_b = nn.Parameter(torch.zeros(out_features // a1, in_features // a2, device=base_weight.device))
-        self.magnitude = nn.Parameter(base_weight.norm(dim=1))
-        # ‖W0_r‖² is fixed (W0 is frozen); kept out of the state dict, it follows the base weight.
-        self.register_buffer("base_row_norm_sq", base_weight.square().sum(dim=1), persistent=False)
+        # ‖W0_r‖² (or ‖W0_c‖²) is fixed (W0 is frozen); kept out of the state dict, it follows the base weight.
+        if weight_decompose == "rows":
+            self.magnitude = nn.Parameter(base_weight.norm(dim=1))
+            self.register_buffer("base_row_norm_sq", base_weight.square().sum(dim=1), persistent=False)
+        else:
+            self.magnitude = nn.Parameter(base_weight.norm(dim=0))
+            self.register_buffer("base_column_norm_sq", base_weight.square().sum(dim=0), persistent=False)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -137,11 +158,17 @@ class KronaWEDLinear(nn.Module):
         return torch.kron(self.kron_a, self.kron_b)
 
     def merged_weight(self) -> torch.Tensor:
-        """W' = m ⊙ (W0 + A⊗B) / ‖W0 + A⊗B‖ (float32, differentiable in A, B, m).
+        """W' = m ⊙ (W0 + A⊗B) / ‖W0 + A⊗B‖ (float32, differentiable in A, B, m), the norm per
+        row or per column (``weight_decompose``).
 
-        LyCORIS adds float32 eps to the norm (a guard for all-zero rows); so do we.
+        LyCORIS (and ComfyUI) add float32 eps to the norm (a guard for all-zero rows); so do we.
         """
         direction = self.base_layer.weight.float() + self.kron_delta()
+        if self.weight_decompose == "columns":
+            norms = direction.norm(dim=0) + torch.finfo(torch.float32).eps
+            if self.detach_norm:
+                norms = norms.detach()
+            return direction * (self.magnitude / norms).unsqueeze(0)
         norms = direction.norm(dim=1) + torch.finfo(torch.float32).eps
         if self.detach_norm:
             norms = norms.detach()
@@ -165,6 +192,19 @@ class KronaWEDLinear(nn.Module):
         norm_sq = self.base_row_norm_sq + (2 * cross + kron_sq).reshape(-1)
         return norm_sq.clamp_min(0).sqrt() + torch.finfo(torch.float32).eps
 
+    def column_norms(self) -> torch.Tensor:
+        """‖W0_c + (A ⊗ B)_c‖ (+ eps) per input column, from the factors (no kron built)."""
+        a1, a2 = self.kron_a.shape
+        b1, b2 = self.kron_b.shape
+        # ⟨W0_c, A_:j ⊗ B_:l⟩ = Σ_i A_ij Σ_k W0[i,k,j,l] B_kl for column c = (j, l): the sums run
+        # over W0's leading (row) axes, so this is one elementwise pass over W0, not a matmul.
+        base_blocks = self.base_layer.weight.float().view(a1, b1, a2, b2)
+        times_b = (base_blocks * self.kron_b.view(1, b1, 1, b2)).sum(dim=1)        # (a1, a2, b2)
+        cross = (times_b * self.kron_a.view(a1, a2, 1)).sum(dim=0)                  # (a2, b2)
+        kron_sq = torch.outer(self.kron_a.square().sum(dim=0), self.kron_b.square().sum(dim=0))
+        norm_sq = self.base_column_norm_sq + (2 * cross + kron_sq).reshape(-1)
+        return norm_sq.clamp_min(0).sqrt() + torch.finfo(torch.float32).eps
+
     def uses_factored_forward(self, token_count: int) -> bool:
         """The rule of ``forward_mode="auto"`` (module docstring): factored when the
         activations' size, tokens · (in + out), does not exceed the weight's, out · in."""
@@ -179,6 +219,8 @@ class KronaWEDLinear(nn.Module):
         return F.linear(hidden_states, weight, self.base_layer.bias)
 
     def _factored_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if self.weight_decompose == "columns":
+            return self._factored_column_forward(hidden_states)
         dtype = hidden_states.dtype
         a1, a2 = self.kron_a.shape
         b1, b2 = self.kron_b.shape
@@ -200,9 +242,27 @@ class KronaWEDLinear(nn.Module):
             out = torch.addcmul(self.base_layer.bias, combined, scale)
         return out.reshape(*hidden_states.shape[:-1], a1 * b1)
 
+    def _factored_column_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """W' x = (W0 + A⊗B)(s ⊙ x) with s = m / ‖W0 + A⊗B‖_col: the scale goes on the input."""
+        dtype = hidden_states.dtype
+        a1, a2 = self.kron_a.shape
+        b1, b2 = self.kron_b.shape
+        norms = self.column_norms()
+        if self.detach_norm:
+            norms = norms.detach()
+        scaled = (hidden_states * (self.magnitude / norms).to(dtype)).reshape(-1, a2 * b2)
+        times_b = F.linear(scaled.view(-1, a2, b2), self.kron_b.to(dtype))          # (n, a2, b1)
+        kron_out = F.linear(times_b.transpose(1, 2), self.kron_a.to(dtype))         # (n, b1, a1)
+        kron_out = kron_out.transpose(1, 2).reshape(-1, a1 * b1)
+        combined = torch.addmm(kron_out, scaled, self.base_layer.weight.t())
+        if self.base_layer.bias is not None:
+            combined = combined + self.base_layer.bias
+        return combined.reshape(*hidden_states.shape[:-1], a1 * b1)
+
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"a={tuple(self.kron_a.shape)}, b={tuple(self.kron_b.shape)}, forward_mode={self.forward_mode!r}")
+                f"a={tuple(self.kron_a.shape)}, b={tuple(self.kron_b.shape)}, forward_mode={self.forward_mode!r}, "
+                f"weight_decompose={self.weight_decompose!r}")
 
 
 def attention_linear_paths(unet: nn.Module) -> list[str]:
@@ -228,7 +288,7 @@ def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
 
 
 def inject_krona_wed(unet: nn.Module, factor: int = DEFAULT_FACTOR, forward_mode: str = "auto",
-                     detach_norm: bool = False) -> dict[str, KronaWEDLinear]:
+                     detach_norm: bool = False, weight_decompose: str = "rows") -> dict[str, KronaWEDLinear]:
     """Wrap every attention linear of ``unet`` in KronA-WED; freeze everything else.
 
     As peft's ``inject_adapter_in_model`` does, all UNet parameters except A, B and m end
@@ -240,7 +300,8 @@ def inject_krona_wed(unet: nn.Module, factor: int = DEFAULT_FACTOR, forward_mode
     for path in attention_linear_paths(unet):
         layer = unet.get_submodule(path)
         if not isinstance(layer, KronaWEDLinear):
-            layer = KronaWEDLinear(layer, factor, forward_mode=forward_mode, detach_norm=detach_norm)
+            layer = KronaWEDLinear(layer, factor, forward_mode=forward_mode, detach_norm=detach_norm,
+                                   weight_decompose=weight_decompose)
             _set_submodule(unet, path, layer)
         for parameter in (layer.kron_a, layer.kron_b, layer.magnitude):
             parameter.requires_grad_(True)
@@ -275,21 +336,28 @@ def krona_tensors_by_path(state: Mapping[str, torch.Tensor], prefix: str = ""
 
 
 def load_krona_wed_state_dict(unet: nn.Module, state: Mapping[str, torch.Tensor],
-                              forward_mode: str = "auto") -> dict[str, KronaWEDLinear]:
+                              forward_mode: str = "auto", weight_decompose: str = "rows"
+                              ) -> dict[str, KronaWEDLinear]:
     """Put the tensors of :func:`krona_wed_state_dict` into ``unet``, wrapping layers as needed.
 
-    A's shape is read from the tensors, so files written with any factor load. Raises
-    ``ConceptflowError`` when a path is not a linear layer of this UNet or a tensor is missing.
+    A's shape is read from the tensors, so files written with any factor load. The axis of the
+    weight decomposition is not: a square layer's m fits either, so ``weight_decompose`` says
+    which (concept.json's ``weight_decompose``; absent means "rows", the only axis before it
+    became a setting). Raises ``ConceptflowError`` when a path is not a linear layer of this
+    UNet or a tensor is missing or does not fit.
     """
+    if weight_decompose not in WEIGHT_DECOMPOSE_AXES:
+        raise ConceptflowError(f"weight_decompose must be one of {WEIGHT_DECOMPOSE_AXES}, not {weight_decompose!r}")
     modules = {}
     for path, (kron_a, kron_b, magnitude) in krona_tensors_by_path(state).items():
-        modules[path] = _wrap_for_loading(unet, path, tuple(kron_a.shape), forward_mode)
-        expected = (tuple(modules[path].kron_b.shape), modules[path].out_features)
+        modules[path] = _wrap_for_loading(unet, path, tuple(kron_a.shape), forward_mode, weight_decompose)
+        expected = (tuple(modules[path].kron_b.shape), modules[path].magnitude.numel())
         if (tuple(kron_b.shape), magnitude.numel()) != expected:
             raise ConceptflowError(
                 f"KronA-WED tensors for '{path}' do not fit its layer: B {tuple(kron_b.shape)} and "
-                f"m of {magnitude.numel()} values, expected B {expected[0]} and m of {expected[1]}; "
-                "load the adapter onto the base model it was trained on.")
+                f"m of {magnitude.numel()} values, expected B {expected[0]} and m of {expected[1]} (one per "
+                f"{'output row' if weight_decompose == 'rows' else 'input column'}); load the adapter onto the "
+                "base model it was trained on, with its weight_decompose axis.")
         with torch.no_grad():
             modules[path].kron_a.copy_(kron_a)
             modules[path].kron_b.copy_(kron_b)
@@ -298,14 +366,14 @@ def load_krona_wed_state_dict(unet: nn.Module, state: Mapping[str, torch.Tensor]
 
 
 def _wrap_for_loading(unet: nn.Module, path: str, a_shape: tuple[int, int],
-                      forward_mode: str) -> KronaWEDLinear:
-    """The KronA-WED layer at ``path`` with A of ``a_shape``, creating it if needed."""
+                      forward_mode: str, weight_decompose: str = "rows") -> KronaWEDLinear:
+    """The KronA-WED layer at ``path`` with A of ``a_shape`` and the given axis, creating it if needed."""
     try:
         layer = unet.get_submodule(path)
     except AttributeError:
         layer = None
     if isinstance(layer, KronaWEDLinear):
-        if tuple(layer.kron_a.shape) == a_shape:
+        if tuple(layer.kron_a.shape) == a_shape and layer.weight_decompose == weight_decompose:
             return layer
         layer = layer.base_layer
     if not isinstance(layer, nn.Linear):
@@ -316,6 +384,6 @@ def _wrap_for_loading(unet: nn.Module, path: str, a_shape: tuple[int, int],
         raise ConceptflowError(
             f"KronA-WED A of shape {a_shape} for '{path}' does not tile its "
             f"{layer.out_features}×{layer.in_features} weight; load the adapter onto its own base model.")
-    module = KronaWEDLinear(layer, a_shape=a_shape, forward_mode=forward_mode)
+    module = KronaWEDLinear(layer, a_shape=a_shape, forward_mode=forward_mode, weight_decompose=weight_decompose)
     _set_submodule(unet, path, module)
     return module

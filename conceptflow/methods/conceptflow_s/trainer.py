@@ -60,7 +60,8 @@ class ConceptFlowSMethod(ConceptTrainer):
 
     def __init__(self, setup: ConceptTrainingSetup, config: ConceptFlowSTrainConfig, device: str = "cpu"):
         super().__init__(setup, config, device)
-        self.krona_modules = inject_krona_wed(setup.unet, factor=config.kron_factor)
+        self.krona_modules = inject_krona_wed(setup.unet, factor=config.kron_factor,
+                                              weight_decompose=config.weight_decompose)
         # Frozen encoder, run once: the training images never change during a run.
         self.image_embeddings = clip_image_embeddings(setup.pixel_images, config.image_encoder, device)
         text_dim = setup.text_encoder.config.hidden_size
@@ -111,15 +112,17 @@ class ConceptFlowSMethod(ConceptTrainer):
 
     def load_method_state(self, state: Mapping[str, torch.Tensor]) -> None:
         unet_part = {k.removeprefix(UNET_PREFIX): v for k, v in state.items() if k.startswith(UNET_PREFIX)}
-        load_krona_wed_state_dict(self.setup.unet, unet_part)
+        load_krona_wed_state_dict(self.setup.unet, unet_part, weight_decompose=self.config.weight_decompose)
         image_part = {k.removeprefix(IMAGE_ADAPTER_PREFIX): v for k, v in state.items()
                       if k.startswith(IMAGE_ADAPTER_PREFIX)}
         self.image_adapter.load_state_dict(image_part)
 
     def method_meta(self) -> dict:
         """The method's part of ``concept.json``. Its tensors: ``unet.<path>.kron_a|kron_b|magnitude``
+        (m of ``out`` values with ``weight_decompose`` "rows", of ``in`` values with "columns")
         and ``image_adapter.<name>`` (kept for inspection and further training; sampling ignores it)."""
         return {"adapter": "krona_wed", "kron_factor": self.config.kron_factor,
+                "weight_decompose": self.config.weight_decompose,
                 "unet_targets": sorted(self.krona_modules), "image_encoder": self.config.image_encoder,
                 "image_adapter": {"image_dim": self.image_adapter.image_dim, "text_dim": self.image_adapter.text_dim}}
 
