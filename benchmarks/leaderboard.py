@@ -35,10 +35,12 @@ Per (method, sampler) row, each with a 95% percentile-bootstrap interval
   redundancy: per image 1 if it holds more objects than asked; over images;
 - s/step: wall seconds of each training step of the method (every concept's steps, recorded
   through the train stage's ``run_training`` ``on_log`` hook with ``log_every: 1``; a step's
-  time includes a checkpoint written just before it); bootstrap over steps;
+  time includes a checkpoint written just before it), pooled over the method's concepts;
+  bootstrap over steps;
 - s/img: wall seconds of one call of the sampler's registry entry point on a batch, divided by
   the batch's images (ConceptFlow-M's entry point also samples the plain fused images of the
-  same requests for comparison: its cost is in the figure); bootstrap over batches.
+  same requests for comparison: its cost is in the figure), pooled over every method's fused
+  models; bootstrap over batches.
 
 Writes ``leaderboard.md``, ``leaderboard.csv``, ``leaderboard.png`` (bars with intervals) and
 ``samples.png`` (the first images of each row) to ``--out``. The last line is
@@ -257,8 +259,9 @@ def run_method(catalog, settings: dict, args, evaluators, references, arms: dict
             progress.update(1)
     expected = sum(concept.train.steps for concept in catalog.concepts)
     if len(step_seconds) != expected:
-        raise RuntimeError(f"recorded {len(step_seconds)} training steps of {method}, expected {expected}: the train "
-                           "stage no longer reports every step through run_training's on_log")
+        raise RuntimeError(f"recorded {len(step_seconds)} training steps of {method}, expected {expected}: either "
+                           "--workdir holds adapters of an earlier run (the train stage skipped them; use a fresh "
+                           "folder) or the train stage no longer reports every step through run_training's on_log")
     for combination in catalog.combinations:
         progress.set_description(f"{method}: fuse {combination.name}")
         with clock("fuse"):
@@ -382,7 +385,8 @@ def main() -> None:
                         f"{QUICK['train_steps']} training and {QUICK['sample_steps']} sampling steps, average fusion")
     parser.add_argument("--base", type=Path, default=ROOT / "assets" / "toy-base")
     parser.add_argument("--evaluators", type=Path, default=None, help="default: BASE/evaluators")
-    parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "leaderboard")
+    parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "leaderboard", help="default: outputs/leaderboard "
+                        "(git-ignored)")
     parser.add_argument("--workdir", type=Path, default=None,
                         help="keep the catalogs and stage outputs here (default: a temporary folder, removed)")
     parser.add_argument("--train-steps", type=int, default=None)
