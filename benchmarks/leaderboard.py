@@ -385,8 +385,8 @@ def main() -> None:
                         f"{QUICK['train_steps']} training and {QUICK['sample_steps']} sampling steps, average fusion")
     parser.add_argument("--base", type=Path, default=ROOT / "assets" / "toy-base")
     parser.add_argument("--evaluators", type=Path, default=None, help="default: BASE/evaluators")
-    parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "leaderboard", help="default: outputs/leaderboard "
-                        "(git-ignored)")
+    parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "leaderboard",
+                        help="default: outputs/leaderboard (git-ignored)")
     parser.add_argument("--workdir", type=Path, default=None,
                         help="keep the catalogs and stage outputs here (default: a temporary folder, removed)")
     parser.add_argument("--train-steps", type=int, default=None)
