@@ -199,11 +199,37 @@ def pretrain_toy(out: Path = typer.Option(Path("assets/toy-base"), help="destina
     typer.echo(str(result))
 
 
-@app.command("export-lycoris")
+@app.command("export")
+@user_errors
+def export(name: str = typer.Argument(..., help="a concept or a combination of the catalog"),
+           format_name: str = typer.Option(..., "--format", "-f",
+                                           help="a concept: one of its method's MethodSpec.exporters (edlora: "
+                                           "kohya, embedding); a combination: diffusers"),
+           out: Path = typer.Option(..., "--out", "-o", help="destination file (a folder for diffusers)"),
+           catalog: Path = CatalogOption):
+    """Write a trained concept (data/adapters/N) or a fused combination (data/fused/C) for other tools."""
+    from conceptflow.exports import export_combination, export_concept
+    from conceptflow.layout import Layout
+
+    loaded = load_catalog(catalog)
+    layout = Layout(loaded)
+    concepts, combinations = [c.name for c in loaded.concepts], [c.name for c in loaded.combinations]
+    if name in concepts:
+        written = export_concept(layout.adapter(name), format_name, out)
+    elif name in combinations:
+        written = export_combination(layout.fused(name), format_name, out, loaded.base_model_source)
+    else:
+        raise ConceptflowError(f"no concept or combination named {name!r} in {catalog}; "
+                               f"concepts: {concepts}, combinations: {combinations}")
+    typer.echo(f"wrote {written}")
+
+
+@app.command("export-lycoris", deprecated=True)
 @user_errors
 def export_lycoris(adapter: Path = typer.Argument(..., help="a trained conceptflow_s concept folder"),
                    output: Path = typer.Argument(..., help="destination .safetensors (LyCORIS/kohya keys)")):
-    """Write a KronA-WED concept as a LyCORIS LoKr (dora_wd) file for ComfyUI/A1111/kohya."""
+    """Deprecated: use `conceptflow export NAME --format lycoris --out FILE`. Writes a KronA-WED concept
+    folder as a LyCORIS LoKr (dora_wd) file for ComfyUI/A1111/kohya."""
     from conceptflow.adapters.concept_io import read_adapter
     from conceptflow.methods import METHODS, get_method
 

@@ -36,6 +36,7 @@ LAYERS = (
     {"methods"},
     {"sample"},
     {"fuse"},
+    {"exports"},
     {"config"},
     {"layout", "data", "metrics"},
     {"toy"},

@@ -8,5 +8,7 @@ SPEC = MethodSpec(
     config=LoRATrainConfig,
     trainer="conceptflow.methods.edlora.trainer:EDLoRAMethod",
     reader="conceptflow.methods.edlora.reader:read_edlora",
+    exporters={"kohya": "conceptflow.methods.edlora.kohya:export_kohya",
+               "embedding": "conceptflow.adapters.embedding_files:export_concept_embedding"},
     summary="Mix-of-Show ED-LoRA: layer-wise tokens, LoRA on text-encoder and UNet attention",
 )
