@@ -254,3 +254,24 @@ def test_plan_runs_each_concept_then_each_combination(no_fingerprint):
                                                                   "evaluate"]
 
 
+
+
+def test_base_model_fingerprint_is_read_once_per_file_version(tmp_path, monkeypatch):
+    import os
+
+    from conceptflow.models import loading
+
+    (tmp_path / "unet").mkdir()
+    weights = tmp_path / "unet" / "model.safetensors"
+    weights.write_bytes(b"weights")
+    (tmp_path / "model_index.json").write_text("{}")
+    reads = []
+    real = Path.read_bytes
+    monkeypatch.setattr(Path, "read_bytes", lambda self: reads.append(self.name) or real(self))
+    first = loading.model_fingerprint(str(tmp_path))
+    assert loading.model_fingerprint(str(tmp_path)) == first and len(reads) == 2  # two files, read once
+    weights.write_bytes(b"other weights")
+    assert loading.model_fingerprint(str(tmp_path)) != first and len(reads) == 4
+    weights.write_bytes(b"weights")  # the first bytes again, at another mtime: read again, the first fingerprint
+    os.utime(weights, ns=(5, 5))
+    assert loading.model_fingerprint(str(tmp_path)) == first and len(reads) == 6
