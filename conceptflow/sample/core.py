@@ -18,6 +18,14 @@ benchmarks use:
 
 The loop is written out (not ``StableDiffusionPipeline.__call__``) because the text conditioning
 is layer-wise and samplers plug in through the attention hooks and the per-step guide.
+
+Half precision (a pipeline loaded with ``dtype: float16`` on CUDA, ``bfloat16`` on a CPU): the
+UNet, text encoder and VAE run in the pipeline's dtype, while the latents stay float32 from the
+initial noise to the decoder (``LATENT_DTYPE``): each UNet call gets a half-precision copy of
+its input, its noise prediction is taken back to float32 for the scheduler step (DPM-Solver++'s
+multistep update subtracts nearly equal terms), and the VAE gets a half-precision copy at the
+end. A guide differentiates with respect to the float32 latents (the cast is part of its graph),
+so its gradient is float32 too. In float32 every cast is the identity and nothing changes.
 """
 
 from __future__ import annotations
@@ -34,6 +42,9 @@ from conceptflow.attention.processor import AttentionHook, attention_controller_
 
 # guide(latents, timestep, step_index) -> latents, applied before each step's UNet call
 Guide = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
+
+# The denoising state's dtype, whatever the models': scheduler arithmetic in half precision drifts.
+LATENT_DTYPE = torch.float32
 
 
 @dataclass(frozen=True)
@@ -72,13 +83,18 @@ class SamplingCore:
         """The empty prompt's layer-wise text, ``batch`` times (classifier-free guidance)."""
         return self.encode([""] * batch)
 
+    @property
+    def model_dtype(self) -> torch.dtype:
+        """The UNet's dtype (what its inputs are cast to)."""
+        return self.pipeline.unet.dtype
+
     def initial_latents(self, seeds: Sequence[int], resolution: int) -> torch.Tensor:
-        """Unit Gaussian latents, image i drawn from its own generator seeded ``seeds[i]``."""
+        """Unit Gaussian latents (``LATENT_DTYPE``), image i drawn from its own generator seeded ``seeds[i]``."""
         pipeline = self.pipeline
         scale = 2 ** (len(pipeline.vae.config.block_out_channels) - 1)
         shape = (pipeline.unet.config.in_channels, resolution // scale, resolution // scale)
         noises = [torch.randn(shape, generator=torch.Generator().manual_seed(int(seed))) for seed in seeds]
-        return torch.stack(noises).to(pipeline.unet.device, pipeline.unet.dtype)
+        return torch.stack(noises).to(pipeline.unet.device, LATENT_DTYPE)
 
     def scheduler(self, steps: int, device):
         """A fresh DPM-Solver++ (the base's scheduler config) with ``steps`` timesteps set."""
@@ -95,11 +111,13 @@ class SamplingCore:
 
         With ``guidance_scale`` the UNet sees ``[latents, latents]`` against ``conditioning`` =
         ``[uncond, text]`` and the two predictions are combined (classifier-free guidance);
-        without it, ``latents`` against ``conditioning`` = ``text``.
+        without it, ``latents`` against ``conditioning`` = ``text``. The UNet runs in its own dtype;
+        guidance and the scheduler step run in the latents' (float32).
         """
         guided = guidance_scale is not None
         model_input = scheduler.scale_model_input(torch.cat([latents, latents]) if guided else latents, timestep)
-        noise = self.unet(model_input, timestep, encoder_hidden_states=conditioning).sample
+        noise = self.unet(model_input.to(self.model_dtype), timestep, encoder_hidden_states=conditioning).sample
+        noise = noise.to(latents.dtype)
         if guided:
             noise_uncond, noise_text = noise.chunk(2)
             noise = noise_uncond + guidance_scale * (noise_text - noise_uncond)
@@ -127,8 +145,8 @@ class SamplingCore:
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> list[Image.Image]:
-        """The VAE's images of ``latents``, as 8-bit RGB."""
+        """The VAE's images of ``latents``, as 8-bit RGB (the VAE runs in its own dtype)."""
         vae = self.pipeline.vae
-        decoded = vae.decode(latents / vae.config.scaling_factor).sample
+        decoded = vae.decode((latents / vae.config.scaling_factor).to(vae.dtype)).sample.float()
         array = ((decoded.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
         return [Image.fromarray(np.ascontiguousarray(image)) for image in array]

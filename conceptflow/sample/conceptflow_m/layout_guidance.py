@@ -104,7 +104,7 @@ class LayoutGuidance:
         self.last_loss: float | None = None
 
     def set_initial_maps(self, maps: torch.Tensor) -> None:
-        self.initial_maps = maps.detach()
+        self.initial_maps = maps.detach().float()
 
     def concept_maps(self, layer_maps: Sequence[torch.Tensor]) -> torch.Tensor:
         return mean_concept_maps(layer_maps, self.valid.shape[1], self.map_size)
@@ -112,15 +112,17 @@ class LayoutGuidance:
     def loss(self, latents: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         """L_Layout at ``latents`` (with graph): a truncated UNet pass on the text-conditioned rows.
 
-        DPM-Solver's ``scale_model_input`` is the identity, so the latents go in as they are.
+        DPM-Solver's ``scale_model_input`` is the identity, so the latents go in as they are (cast
+        to the UNet's dtype inside the graph); the maps are taken to float32 for the loss, so in half
+        precision only the UNet pass itself runs in half precision.
         """
         recorder = TruncatingMapRecorder(self.token_positions, self.layer_names)
         with self.controller.use(recorder):
             try:
-                self.unet(latents, timestep, encoder_hidden_states=text)
+                self.unet(latents.to(self.unet.dtype), timestep, encoder_hidden_states=text)
             except _StopForward:
                 pass
-        maps = self.concept_maps([recorder.maps[name] for name in self.layer_names])
+        maps = self.concept_maps([recorder.maps[name].float() for name in self.layer_names])
         return layout_loss(maps, self.initial_maps, self.valid, self.threshold, self.adjustment)
 
     def __call__(self, latents: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor, step_index: int) -> torch.Tensor:
