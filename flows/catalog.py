@@ -1,4 +1,5 @@
-"""The catalog flow: the pipeline diagram, one task per stage and item."""
+"""The catalog flow: one task per stage and item of the stage table (conceptflow/stages/table.py),
+each waiting for the items it reads; then the report, DVC record and MLflow registration."""
 
 from __future__ import annotations
 
@@ -6,19 +7,12 @@ from prefect import flow
 from prefect.futures import PrefectFuture, wait
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from conceptflow.config import load_catalog
 from conceptflow.errors import ConceptflowError
-from tasks.stages import (
-    evaluate_task,
-    fuse_task,
-    generate_task,
-    ingest_task,
-    mask_task,
-    record_task,
-    register_task,
-    report_task,
-    train_task,
-)
+from conceptflow.stages.table import STAGES, plan, stage, upstream_items
+from tasks.stages import STAGE_TASKS, catalog_at, record_task, register_task
+
+ITEM_STAGES = tuple(row for row in STAGES if row.fan_out != "catalog")
+CATALOG_STAGES = tuple(row for row in STAGES if row.fan_out == "catalog")
 
 
 # One worker thread: diffusers/transformers loading patches torch module construction globally
@@ -29,20 +23,15 @@ from tasks.stages import (
 def catalog_flow(catalog_path: str, sampler: str | None = None) -> dict:
     """ingest -> mask -> train per concept; fuse -> generate -> evaluate per combination;
     then the report, record in DVC, register in MLflow."""
-    catalog = load_catalog(catalog_path)
+    catalog = catalog_at(catalog_path)  # validated once here; thread-runner tasks reuse it
+    options = {"sampler": sampler}
     futures: dict[str, PrefectFuture] = {}
-    for concept in catalog.concepts:
-        name = concept.name
-        futures[f"ingest:{name}"] = ingest_task.submit(catalog_path, name)
-        futures[f"mask:{name}"] = mask_task.submit(catalog_path, name, wait_for=[futures[f"ingest:{name}"]])
-        futures[f"train:{name}"] = train_task.submit(catalog_path, name, wait_for=[futures[f"mask:{name}"]])
-    for combination in catalog.combinations:
-        name = combination.name
-        trained = [futures[f"train:{c}"] for c in combination.concepts]
-        futures[f"fuse:{name}"] = fuse_task.submit(catalog_path, name, wait_for=trained)
-        futures[f"generate:{name}"] = generate_task.submit(catalog_path, name, sampler,
-                                                           wait_for=[futures[f"fuse:{name}"]])
-        futures[f"evaluate:{name}"] = evaluate_task.submit(catalog_path, name, wait_for=[futures[f"generate:{name}"]])
+    for row, item in plan(catalog, ITEM_STAGES):
+        wait_for = [futures[f"{upstream}:{upstream_item}"] for upstream in row.upstream
+                    for upstream_item in upstream_items(catalog, row, stage(upstream), item)]
+        passed = {key: options[key] for key in row.options}
+        futures[f"{row.name}:{item}"] = STAGE_TASKS[row.name].submit(catalog_path, row.name, item, passed,
+                                                                     wait_for=wait_for)
     wait(list(futures.values()))
 
     results, failures = {}, {}
@@ -58,10 +47,12 @@ def catalog_flow(catalog_path: str, sampler: str | None = None) -> dict:
         raise ConceptflowError(f"{len(failures)} task(s) did not finish ({details}). Fix the cause and run again: "
                                "finished concepts and combinations are kept and skipped.")
 
-    report = report_task(catalog_path)
+    # The catalog stages (the report) read every item's output: they run once all items finished.
+    finals = {row.name: STAGE_TASKS[row.name](catalog_path, row.name, item)
+              for row, item in plan(catalog, CATALOG_STAGES)}
     dvc = record_task(catalog_path)  # after the report: dvc.yaml tracks it too
     registered = register_task(catalog_path)  # after DVC: lineage tags read dvc.lock
-    return {"stages": results, "dvc": dvc, "registered": registered, "report": report}
+    return {"stages": results, "dvc": dvc, "registered": registered, "report": finals["report"]}
 
 
 def run_catalog(catalog_path: str, sampler: str | None = None, runner: str = "threads") -> dict:

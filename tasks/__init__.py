@@ -1,1 +1,1 @@
-"""Thin Prefect tasks: each loads the catalog, calls one conceptflow stage, returns its manifest."""
+"""Thin Prefect tasks: each runs one stage-table row for one item and returns its manifest summary."""

@@ -1,18 +1,46 @@
-"""One Prefect task per stage and item; they exchange manifests (paths + hashes), not tensors.
+"""One Prefect task per stage of the stage table (conceptflow/stages/table.py), run per item;
+tasks exchange manifests (paths + hashes), not tensors.
 
 Caching is the stages' own: a stage whose output already carries the manifest key it would
 produce (input hashes + config hash + code version) is skipped. Prefect's result cache is
 off (NO_CACHE) because it cannot see an artifact deleted or changed on disk; the manifest
 check can. Transient failures retry; user errors (ConceptflowError) do not.
+
+Tasks take the catalog's path, not the catalog: a Dask worker is another process. Each process
+validates a catalog file once (``catalog_at``): the flow and its thread-runner tasks share one
+object, and each Dask worker loads it once.
 """
 
 from __future__ import annotations
 
+import threading
+from pathlib import Path
+
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from conceptflow.config import load_catalog
+from conceptflow.config import Catalog, load_catalog
 from conceptflow.errors import ConceptflowError
+from conceptflow.stages.table import STAGES, stage
+
+_CATALOGS: dict[tuple[str, int, int], Catalog] = {}
+_CATALOGS_LOCK = threading.Lock()
+RETRIES = {"report": 0}  # default 1
+
+
+def catalog_at(path: str) -> Catalog:
+    """The validated catalog at ``path``, loaded once per process and file version (size, mtime)."""
+    resolved = Path(path).resolve()
+    try:
+        stat = resolved.stat()
+    except OSError:
+        return load_catalog(path)  # raises the catalog's own "not found" error
+    key = (str(resolved), stat.st_size, stat.st_mtime_ns)
+    with _CATALOGS_LOCK:
+        if key not in _CATALOGS:
+            _CATALOGS.clear()  # one catalog version at a time
+            _CATALOGS[key] = load_catalog(resolved)
+        return _CATALOGS[key]
 
 
 def _retry_unless_user_error(task_definition, task_run, state) -> bool:
@@ -36,60 +64,14 @@ def _summary(result) -> dict:
             "key": manifest.key, "ran": ran}
 
 
-@_stage_task("ingest")
-def ingest_task(catalog_path: str, item: str) -> dict:
-    """Validate and normalise one concept's photos."""
-    from conceptflow.stages.ingest import ingest
-
-    return _summary(ingest(load_catalog(catalog_path), item))
+def run_stage_item(catalog_path: str, stage_name: str, item: str, options: dict | None = None) -> dict:
+    """Run one stage for one item (skipped when up to date); returns its manifest summary."""
+    return _summary(stage(stage_name).call(catalog_at(catalog_path), item, **(options or {})))
 
 
-@_stage_task("mask")
-def mask_task(catalog_path: str, item: str) -> dict:
-    """Foreground masks for one concept."""
-    from conceptflow.stages.mask import mask
-
-    return _summary(mask(load_catalog(catalog_path), item))
-
-
-@_stage_task("train")
-def train_task(catalog_path: str, item: str) -> dict:
-    """Train one concept's adapter (resumes from its checkpoint after a crash)."""
-    from conceptflow.stages.train import train
-
-    return _summary(train(load_catalog(catalog_path), item))
-
-
-@_stage_task("fuse")
-def fuse_task(catalog_path: str, item: str) -> dict:
-    """Fuse one combination's adapters."""
-    from conceptflow.stages.fuse import fuse
-
-    return _summary(fuse(load_catalog(catalog_path), item))
-
-
-@_stage_task("generate")
-def generate_task(catalog_path: str, item: str, sampler: str | None = None) -> dict:
-    """Sample one combination's prompts."""
-    from conceptflow.stages.generate import generate
-
-    return _summary(generate(load_catalog(catalog_path), item, sampler=sampler))
-
-
-@_stage_task("evaluate")
-def evaluate_task(catalog_path: str, item: str) -> dict:
-    """Score one combination's images."""
-    from conceptflow.stages.evaluate import evaluate
-
-    return _summary(evaluate(load_catalog(catalog_path), item))
-
-
-@_stage_task("report", retries=0)
-def report_task(catalog_path: str, item: str = "report") -> dict:
-    """Write the HTML report."""
-    from conceptflow.stages.report import report
-
-    return _summary(report(load_catalog(catalog_path)))
+# stage name -> its task: task(catalog_path, stage_name, item, options) (the name is passed again so
+# that one function serves every stage and its runs read "train dog" in the Prefect UI).
+STAGE_TASKS = {row.name: _stage_task(row.name, RETRIES.get(row.name, 1))(run_stage_item) for row in STAGES}
 
 
 @_stage_task("dvc-record")
@@ -97,7 +79,7 @@ def record_task(catalog_path: str, item: str = "dvc") -> dict:
     """dvc commit + push of every stage output; returns the locked md5s."""
     from conceptflow.lineage import dvc_status_clean, locked_output_md5s, record_outputs
 
-    root = load_catalog(catalog_path).root
+    root = catalog_at(catalog_path).root
     record_outputs(root)
     return {"clean": dvc_status_clean(root), "outputs": locked_output_md5s(root)}
 
@@ -107,4 +89,4 @@ def register_task(catalog_path: str, item: str = "mlflow") -> list[str]:
     """Log stages to MLflow and register versions with lineage."""
     from conceptflow.stages.register import register
 
-    return register(load_catalog(catalog_path))
+    return register(catalog_at(catalog_path))
