@@ -11,7 +11,7 @@ with no ``alpha``) both read such a key as "add this to the weight", so they com
 whatever KronA-WED's norm axis is: this is the exact UI export of row-norm concepts, which
 their LoKr code computes wrongly. The price is size: every adapted weight is stored in full
 (float32, 4 bytes per weight) instead of as Kronecker factors. For the 128 attention linears
-of SD 1.5's UNet that is 93.5 M weights, a 374 MB file (its LoKr file: ~1 MB, see
+of SD 1.5's UNet that is 93.5 M weights, a 374 MB file (its LoKr file: 2.1 MB, see
 ``benchmarks/interop.py``); for the toy base (assets/toy-base, 80 linears) 0.59 M weights, 2.4 MB.
 
 Writing ΔW needs W0, so :func:`export_diff_concept` loads the concept's base model (its
