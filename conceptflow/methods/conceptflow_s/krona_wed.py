@@ -15,7 +15,7 @@ with the norm taken along one axis, ``weight_decompose``:
 A ∈ R^{a1×a2} is He-initialised and B ∈ R^{b1×b2} zero, so W' = W0 at the start. a1·b1 = out, a2·b2 = in;
 (a1, b1) and (a2, b2) come from :func:`factorization` with one factor f (Eq. 18, the rule of
 LyCORIS). A and B are full matrices (LyCORIS LoKr with ``full_matrix``), which makes this
-module interchangeable with LyCORIS's LoKr with ``dora_wd=True`` (see ``lycoris_io``).
+module interchangeable with LyCORIS's LoKr with ``dora_wd=True`` (see ``lycoris.py``).
 
 The weight norm is *not* detached: gradients flow through ‖W0 + A⊗B‖ into A and B. That is
 what LyCORIS's ``dora_wd`` does (its ``weight_decompose`` keeps the norm in the graph), and
@@ -54,7 +54,8 @@ factored form was 1.25× slower than "auto", on the tiny UNet and on SD-sized at
 
 Example::
 
-    modules = inject_krona_wed(unet, factor=16)      # {module path: KronaWEDLinear}
+    modules = inject_krona_wed(unet, factor=16)      # {module path: KronaWEDLinear}, row norms
+    # inject_krona_wed(unet, weight_decompose="columns") for the form the UIs compute (lycoris.py)
     optimizer = torch.optim.AdamW([p for m in modules.values() for p in m.parameters()
                                    if p.requires_grad], lr=5e-4)
     state = krona_wed_state_dict(modules)             # {"<path>.kron_a": ..., ...}
@@ -292,8 +293,9 @@ def inject_krona_wed(unet: nn.Module, factor: int = DEFAULT_FACTOR, forward_mode
     """Wrap every attention linear of ``unet`` in KronA-WED; freeze everything else.
 
     As peft's ``inject_adapter_in_model`` does, all UNet parameters except A, B and m end
-    up with ``requires_grad=False``. Layers already wrapped are kept as they are, so the
-    call is idempotent. Returns ``{module path: KronaWEDLinear}``.
+    up with ``requires_grad=False``. New layers normalise along ``weight_decompose`` ("rows" or
+    "columns"); layers already wrapped are kept as they are (axis included), so the call is
+    idempotent. Returns ``{module path: KronaWEDLinear}``.
     """
     unet.requires_grad_(False)
     modules = {}
