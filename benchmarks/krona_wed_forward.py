@@ -7,7 +7,10 @@ factored / materialised (< 1: the factored form is faster) and the form that
 and SD-1.x attention linears (320/640/1280, cross-attention input 768) at the token counts
 of 256- and 512-px training.
 
-Usage: ``python benchmarks/krona_wed_forward.py [--rounds 7] [--threads 1]``
+``--weight-decompose columns`` times the column-norm layers instead (the measurements in
+krona_wed.py's docstring are of rows).
+
+Usage: ``python benchmarks/krona_wed_forward.py [--rounds 7] [--threads 1] [--weight-decompose rows]``
 """
 
 from __future__ import annotations
@@ -44,12 +47,13 @@ def step_fn(module: nn.Module, inputs: torch.Tensor):
     return step
 
 
-def time_case(out_features: int, in_features: int, tokens: int, rounds: int) -> tuple[dict[str, float], str]:
+def time_case(out_features: int, in_features: int, tokens: int, rounds: int,
+              weight_decompose: str = "rows") -> tuple[dict[str, float], str]:
     base = nn.Linear(in_features, out_features)
     inputs = torch.randn(1, tokens, in_features, requires_grad=True)
     steps = {}
     for name in ("factored", "materialized"):
-        module = KronaWEDLinear(base, forward_mode=name)
+        module = KronaWEDLinear(base, forward_mode=name, weight_decompose=weight_decompose)
         nn.init.normal_(module.kron_b, std=1e-3)
         steps[name] = step_fn(module, inputs)
     work = 2 * tokens * out_features * in_features
@@ -74,12 +78,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads; 1 by default because on a shared 2-core machine "
                              "OpenMP workers of a 2-thread run stall behind other processes")
+    parser.add_argument("--weight-decompose", choices=("rows", "columns"), default="rows")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); forward+backward per layer")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); forward+backward per layer, "
+          f"weight_decompose={args.weight_decompose}")
     for label, out_features, in_features, tokens in CASES:
-        medians, auto_choice = time_case(out_features, in_features, tokens, args.rounds)
+        medians, auto_choice = time_case(out_features, in_features, tokens, args.rounds, args.weight_decompose)
         ratio = medians["factored"] / medians["materialized"]
         print(f"{label:20s} {out_features:4d}x{in_features:<4d} tokens {tokens:5d}: "
               f"factored {medians['factored'] * 1e3:8.3f} ms, materialized {medians['materialized'] * 1e3:8.3f} ms, "
