@@ -13,7 +13,11 @@ the same initial noise in these arms:
   (``StableDiffusionPipeline.from_pretrained(base)`` + ``load_lora_weights`` +
   ``load_textual_inversion(token="<name>")``), for each single-embedding form
   (``conceptflow.adapters.embedding_files.SINGLE_FORMS``);
-* ``base, class word``: the base prompted with the class word instead of the concept (the floor).
+* ``base, class word``: the base prompted with the class word instead of the concept (the floor);
+* with ``--fused``: the concept fused as a one-concept combination (the catalog's gradient fusion),
+  sampled natively (``fused, native``) and as its ``conceptflow export --format diffusers`` folder
+  loaded with plain ``StableDiffusionPipeline.from_pretrained`` (``fused, diffusers folder``; prompts
+  as written in the catalog, ``a <name> ...``). Not part of the run below.
 
 Score: toy identity (``conceptflow.toy.evaluators.ToyIdentityEncoder``, the DINO stand-in) of each
 image = its mean cosine to held-out reference views of the instance; mean with a 95% percentile
@@ -48,10 +52,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from diffusers import StableDiffusionPipeline
 
 from conceptflow.adapters.embedding_files import DEFAULT_FORM, SINGLE_FORMS, concept_vectors, export_concept_embedding
 from conceptflow.adapters.concept_io import EMBEDDING_PREFIX, read_adapter, split_prefix
 from conceptflow.adapters.merge import apply_concepts
+from conceptflow.exports.diffusers_folder import export_fused_pipeline
 from conceptflow.adapters.tokens import class_word_prompt, concept_token_strings, write_embeddings
 from conceptflow.methods import read_concept
 from conceptflow.methods.edlora.kohya import export_kohya
@@ -67,23 +73,28 @@ CONCEPT, SIMILAR = "zigzag_star", "split_star"
 PROMPT_SEED, REFERENCE_SEED = 4242, 999  # held-out views: not the training renders (seed 0)
 
 
-def train_concept(workdir: Path, base: str, steps: int) -> Path:
+def train_concept(workdir: Path, base: str, steps: int, fused: bool) -> tuple[Path, Path | None]:
+    """(the trained concept folder, the fused folder of a one-concept combination or None)."""
     from conceptflow.config import load_catalog
     from conceptflow.layout import Layout
+    from conceptflow.stages.fuse import fuse
     from conceptflow.stages.ingest import ingest
     from conceptflow.stages.mask import mask
     from conceptflow.stages.train import train
     from conceptflow.toy.concepts import write_toy_catalog
 
     catalog = load_catalog(write_toy_catalog(workdir, [CONCEPT], images_per_concept=5, base_model=base,
-                                             train_steps=steps, combinations={}))
+                                             train_steps=steps, combinations={CONCEPT: (CONCEPT,)} if fused else {}))
     for stage in (ingest, mask, train):
         stage(catalog, CONCEPT)
-    return Layout(catalog).adapter(CONCEPT)
+    if fused:
+        fuse(catalog, CONCEPT)  # the catalog's fusion (gradient, closed form) of the one concept
+    layout = Layout(catalog)
+    return layout.adapter(CONCEPT), layout.fused(CONCEPT) if fused else None
 
 
 def plain_diffusers(base: str, lora: Path, embedding: Path):
-    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+    from diffusers import DPMSolverMultistepScheduler
 
     pipeline = StableDiffusionPipeline.from_pretrained(resolve_model_source(base), safety_checker=None,
                                                        requires_safety_checker=False)
@@ -121,13 +132,19 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, default=64, help="the toy world's image size")
     parser.add_argument("--control-images", type=int, default=4)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--fused", action="store_true",
+                        help="also fuse the concept (one-concept combination) and sample its `conceptflow export "
+                        "--format diffusers` folder with plain from_pretrained (trains here; not with --concept-folder)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
 
     with tempfile.TemporaryDirectory(prefix="single-embedding-") as tmp:
         workdir = Path(tmp)
-        folder = args.concept_folder or train_concept(workdir, args.base, args.train_steps)
+        if args.concept_folder and args.fused:
+            parser.error("--fused trains its own concept; drop --concept-folder")
+        folder, fused_folder = ((args.concept_folder, None) if args.concept_folder else
+                                train_concept(workdir, args.base, args.train_steps, args.fused))
         trained = time.perf_counter()
         concept = TOY_CONCEPTS[CONCEPT]
         views = render_concept_images(concept, args.images, seed=PROMPT_SEED)
@@ -149,6 +166,17 @@ def main() -> None:
             embedding = export_concept_embedding(folder, workdir / "export" / form / f"{CONCEPT}.safetensors", form)
             arms[f"diffusers, {form}"] = sample_plain(plain_diffusers(args.base, lora, embedding), requests, latents,
                                                       resolution, args.steps, args.guidance, args.batch)
+        if fused_folder is not None:
+            fused_native = load_base_pipeline(args.base)
+            apply_concepts(fused_native, [read_concept(fused_folder, fused_native)])
+            arms["fused, native"] = sample_images(fused_native, requests, [CONCEPT], resolution, args.steps,
+                                                  args.guidance, args.batch)
+            folder_export = export_fused_pipeline(fused_folder, workdir / "export" / "pipeline", args.base)
+            exported = StableDiffusionPipeline.from_pretrained(str(folder_export), safety_checker=None,
+                                                               requires_safety_checker=False)
+            exported.set_progress_bar_config(disable=True)
+            arms["fused, diffusers folder"] = sample_plain(exported, requests, latents, resolution, args.steps,
+                                                            args.guidance, args.batch)
         base_pipeline = load_base_pipeline(args.base)
         class_requests = [SampleRequest(class_word_prompt(r.prompt, {CONCEPT: concept.class_word}), r.seed)
                           for r in requests]
