@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Mapping
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from conceptflow.errors import ConceptflowError
 from conceptflow.fileio import atomic_path, write_json_atomic
@@ -24,13 +24,32 @@ EMBEDDING_PREFIX = "embedding."
 WEIGHT_PREFIX = "weight."
 
 
+def safetensors_bytes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> bytes:
+    """A safetensors file whose bytes depend only on its content.
+
+    safetensors writes ``__metadata__`` in a per-process hash order, so identical tensors could
+    give files with other bytes (and md5s) from two processes; here the metadata keys are sorted.
+    The header keeps its length (the same keys in another order), so the data offsets hold.
+    """
+    raw = save(dict(tensors), metadata=dict(metadata) if metadata else None)
+    header_length = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + header_length])
+    if "__metadata__" in header:
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    encoded = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    encoded = encoded + b" " * (header_length - len(encoded))
+    if len(encoded) != header_length:
+        raise ValueError("safetensors header changed length while sorting its metadata")
+    return raw[:8] + encoded + raw[8 + header_length:]
+
+
 def save_adapter(folder: Path, tensors: Mapping[str, torch.Tensor], meta: dict) -> Path:
     """Write ``adapter.safetensors`` then ``concept.json`` (the latter marks the folder complete)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     contiguous = {key: value.detach().cpu().contiguous() for key, value in tensors.items()}
     with atomic_path(folder / ADAPTER_FILE) as temporary:
-        save_file(contiguous, str(temporary), metadata={"format": "pt", "method": str(meta.get("method", ""))})
+        temporary.write_bytes(safetensors_bytes(contiguous, {"format": "pt", "method": str(meta.get("method", ""))}))
     write_json_atomic(folder / CONCEPT_FILE, meta)
     return folder
 
