@@ -42,11 +42,13 @@ class ConceptTrainConfig(StrictModel):
     masked_loss: bool = Field(True, description="restrict the denoising loss to the foreground mask")
     checkpoint_every: int = Field(50, ge=1)
     log_every: int = Field(10, ge=1)
+    # Left out of dumps at their defaults, so the config hashes of concepts trained before these
+    # settings existed stay the same (nothing retrains for a setting it does not use).
     mixed_precision: Literal["no", "fp16", "bf16"] = Field(
-        "no", description="fp16/bf16: frozen base in half precision, trainable parameters and optimizer state in "
+        "no", exclude_if=lambda value: value == "no", description="fp16/bf16: frozen base in half precision, trainable parameters and optimizer state in "
         "float32, autocast forward passes, a grad scaler for fp16; no: everything in the catalog's dtype")
     gradient_checkpointing: bool = Field(
-        False, description="recompute the UNet's activations in the backward pass (diffusers' non-reentrant "
+        False, exclude_if=lambda value: not value, description="recompute the UNet's activations in the backward pass (diffusers' non-reentrant "
         "checkpointing): less memory for more time")
 
 
