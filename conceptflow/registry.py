@@ -14,6 +14,11 @@ config hash, the git revision, the base model) plus ``artifact.md5``, the DVC md
 stage output. That md5 makes logging idempotent: a stage output already logged, or a version
 already registered, is found and returned instead of being added again.
 
+A version's source is ``runs:/<id>/output`` (the stage folder) or, as the pipeline registers
+them, ``runs:/<id>/pyfunc``: an MLflow pyfunc model of that folder (``log_model_folder``;
+``conceptflow.serving.pyfunc``), so ``mlflow.pyfunc.load_model("models:/<name>@champion")``
+works; ``download`` gives the stage folder either way.
+
 ``champion`` moves to a new version only when its score (a version tag) is no worse than the
 current champion's; an unscored version takes the alias only when there is no champion yet or
 the champion has no score either.
@@ -34,7 +39,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping
 
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunStatus, RunTag
@@ -48,6 +53,8 @@ STAGES = STAGE_NAMES  # the stage table's names (conceptflow/stages/table.py)
 CHAMPION = "champion"
 ARTIFACT_MD5 = "artifact.md5"
 ARTIFACT_PATH = "output"  # where a run keeps its stage folder: runs:/<id>/output
+PYFUNC_PATH = "pyfunc"  # where a run keeps its pyfunc model (conceptflow.serving.pyfunc): runs:/<id>/pyfunc
+MODEL_LOGGED = "conceptflow.model_logged"  # run tag prefix: <prefix>.<artifact_path> = "true"
 SCORE = "score"
 SCORE_HIGHER_IS_BETTER = "score.higher_is_better"
 ARTIFACTS_LOGGED = "conceptflow.artifacts_logged"
@@ -247,6 +254,21 @@ def log_stage_run(store: str | MlflowClient, experiment: str, stage_dir: Path, l
     return run_id
 
 
+def log_model_folder(store: str | MlflowClient, run_id: str, save: Callable[[Path], object],
+                     artifact_path: str = PYFUNC_PATH) -> None:
+    """Log the model folder ``save(folder)`` writes (e.g. a pyfunc model) under ``artifact_path``
+    of the run, once: a run tagged as having it already is left as it is."""
+    client = _client(store)
+    tag = f"{MODEL_LOGGED}.{artifact_path}"
+    if client.get_run(run_id).data.tags.get(tag) == "true":
+        return
+    with tempfile.TemporaryDirectory(prefix="cf-model-") as staging:
+        folder = Path(staging) / "model"
+        save(folder)
+        client.log_artifacts(run_id, str(folder), artifact_path)
+    client.set_tag(run_id, tag, "true")
+
+
 # ---------------------------------------------------------------- registry
 
 
@@ -297,16 +319,19 @@ def register_version(store: str | MlflowClient, model_name: str, run_id: str, li
     """Register ``runs:/<run_id>/<artifact_path>`` as a version of ``model_name``.
 
     Version tags: the lineage, ``artifact.md5`` (from ``lineage`` or the run), ``run_id`` and
-    the score. A version with the same ``artifact.md5`` is returned instead of a new one (the
-    alias untouched). ``champion`` moves to the new version when it is no worse than the
-    current champion (ties move it: the newest of equals wins). Returns (version, moved).
+    the score. A version with the same ``artifact.md5`` and the same kind of source (the run's
+    ``artifact_path``: ``output`` or ``pyfunc``) is returned instead of a new one (the alias
+    untouched); a version registered before the pyfunc model existed gets a successor.
+    ``champion`` moves to the new version when it is no worse than the current champion (ties
+    move it: the newest of equals wins). Returns (version, moved).
     """
     client = _client(store)
     run = client.get_run(run_id)
     md5 = lineage.get(ARTIFACT_MD5) or run.data.tags.get(ARTIFACT_MD5)
     _ensure_registered_model(client, model_name)
     if md5:
-        same = [v for v in _versions(client, model_name) if v.tags.get(ARTIFACT_MD5) == md5]
+        same = [v for v in _versions(client, model_name)
+                if v.tags.get(ARTIFACT_MD5) == md5 and v.source.endswith(f"/{artifact_path}")]
         if same:
             return str(max(int(v.version) for v in same)), False
 
@@ -356,13 +381,18 @@ def lookup(store: str | MlflowClient, model_name: str, alias: str | None = CHAMP
 
 def download(store: str | MlflowClient, model_name: str, alias: str | None, dst: Path,
              version: str | None = None) -> Path:
-    """Copy a version's artifact folder to ``dst`` (replaced atomically) and return ``dst``."""
+    """Copy a version's stage folder to ``dst`` (replaced atomically) and return ``dst``.
+
+    A version whose source is the run's pyfunc model gives the run's stage folder (``output/``)
+    all the same; the pyfunc model itself is ``models:/<name>@<alias>``."""
     client = _client(store)
     entry = lookup(client, model_name, alias, version)
     if not entry["source"].startswith(f"runs:/{entry['run_id']}/"):
         raise RegistryError(f"{model_name} version {entry['version']} has source {entry['source']!r}, "
                             "not a run's artifact folder; re-register it with register_version")
     artifact_path = entry["source"][len(f"runs:/{entry['run_id']}/"):]
+    if artifact_path == PYFUNC_PATH:
+        artifact_path = ARTIFACT_PATH
     dst = Path(dst)
     with atomic_directory(dst) as staging:
         # Where the files land differs by store (the folder itself locally, <dst>/<leaf> over

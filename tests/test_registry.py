@@ -258,3 +258,31 @@ def test_stage_names_come_from_the_stage_table():
     assert registry.STAGES == tuple(row.name for row in STAGES)
     assert STAGE_OF == {"images": "ingest", "masks": "mask", "adapter": "train", "fused": "fuse",
                         "generated": "generate", "metrics": "evaluate"}
+
+
+def test_pyfunc_sourced_version_succeeds_an_output_version_and_download_gives_the_stage_folder(store, tmp_path):
+    experiment, concept = unique("exp-"), unique("dog")
+    name = registry.model_name("concept", concept)
+    stage_dir = make_stage_dir(tmp_path, concept, b"weights-pyfunc")
+    run_id = registry.log_stage_run(store, experiment, stage_dir, LINEAGE, log_artifacts=True)
+    assert registry.register_version(store, name, run_id, LINEAGE, 0.5) == ("1", True)
+
+    saves = []
+
+    def save(folder: Path) -> None:
+        saves.append(folder)
+        folder.mkdir()
+        (folder / "MLmodel").write_text("flavors: {}\n")
+
+    registry.log_model_folder(store, run_id, save)
+    registry.log_model_folder(store, run_id, save)  # logged once per run
+    assert len(saves) == 1
+    client = registry._client(store)
+    assert [f.path for f in client.list_artifacts(run_id, registry.PYFUNC_PATH)] == ["pyfunc/MLmodel"]
+
+    # same md5, but the old version has no pyfunc source: a successor, then idempotent again
+    assert registry.register_version(store, name, run_id, LINEAGE, 0.5, artifact_path=registry.PYFUNC_PATH) == ("2", True)
+    assert registry.register_version(store, name, run_id, LINEAGE, 0.5, artifact_path=registry.PYFUNC_PATH) == ("2", False)
+    assert registry.lookup(store, name)["source"] == f"runs:/{run_id}/pyfunc"
+    downloaded = registry.download(store, name, "champion", tmp_path / "fetched")
+    assert content_md5(downloaded) == content_md5(stage_dir) and not (downloaded / "MLmodel").exists()
