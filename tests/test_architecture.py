@@ -27,7 +27,8 @@ def test_orchestration_has_no_torch(path):
 # The library's layers, lowest first: a module may import its own unit and units of lower
 # layers, never a higher one. A unit is a top-level module or package of conceptflow/, except
 # that the stage framework (stages.base, stages.table) sits below the registry and the report,
-# which the stage modules themselves use.
+# which the stage modules themselves use. ``serving`` reads the registry and is what the
+# register stage saves each version's pyfunc model with.
 LAYERS = (
     {"(root)", "errors", "schema", "fileio", "seeding", "manifest", "services", "tool_env", "lineage", "plots"},
     {"models", "attention"},
@@ -42,6 +43,7 @@ LAYERS = (
     {"toy"},
     {"stages.base", "stages.table"},
     {"registry", "report"},
+    {"serving"},
     {"stages"},
     {"cli"},
 )

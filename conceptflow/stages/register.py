@@ -6,6 +6,12 @@ config hash, the git revision and the base model (id and content hash); a combin
 names the registered versions of the concepts it fused. Logging is idempotent (a stage output
 already logged, or a version already registered, is found by its md5), so a run with nothing
 changed adds nothing to the registry.
+
+Each version's source is the MLflow pyfunc model of its adapter or fused folder
+(``conceptflow.serving.pyfunc``, logged under the run's ``pyfunc/``, once per run): it loads
+with ``mlflow.pyfunc.load_model("models:/<name>@champion")`` and carries what
+``conceptflow sample --model`` needs (``serving.spec.ServingSpec``); the stage folder itself
+stays under ``output/``.
 """
 
 from __future__ import annotations
@@ -51,8 +57,21 @@ def _concept_scores(layout: Layout, catalog: Catalog) -> dict[str, float]:
     return {name: sum(values) / len(values) for name, values in collected.items()}
 
 
+def _register_pyfunc(uri: str, catalog: Catalog, kind: str, name: str, run_id: str, folder: Path, lineage: dict,
+                     score: float | None) -> tuple[str, bool]:
+    """Log ``folder``'s pyfunc model in its run (once) and register it as a version of ``kind.name``."""
+    from conceptflow.registry import PYFUNC_PATH, log_model_folder, model_name, register_version
+    from conceptflow.serving.pyfunc import save_pyfunc_model
+    from conceptflow.serving.spec import spec_for
+
+    log_model_folder(uri, run_id, lambda model_dir: save_pyfunc_model(folder, spec_for(kind, folder, catalog, lineage),
+                                                                      model_dir))
+    return register_version(uri, model_name(kind, name), run_id, lineage, score=score, higher_is_better=True,
+                            artifact_path=PYFUNC_PATH)
+
+
 def register(catalog: Catalog) -> list[str]:
-    from conceptflow.registry import log_stage_run, model_name, register_version, tracking_uri
+    from conceptflow.registry import log_stage_run, model_name, tracking_uri
 
     layout = Layout(catalog)
     uri = tracking_uri(layout.root)
@@ -73,8 +92,8 @@ def register(catalog: Catalog) -> list[str]:
         run_id = log_stage_run(uri, catalog.project, folders["adapter"],
                                {**lineage, "artifact.md5": lineage["dvc.adapter.md5"]}, log_artifacts=True)
         registered = model_name("concept", name)
-        version, moved = register_version(uri, registered, run_id, {**lineage, "artifact.md5": lineage["dvc.adapter.md5"]},
-                                          score=scores.get(name), higher_is_better=True)
+        version, moved = _register_pyfunc(uri, catalog, "concept", name, run_id, folders["adapter"],
+                                          {**lineage, "artifact.md5": lineage["dvc.adapter.md5"]}, scores.get(name))
         concept_versions[name] = version
         lines.append(f"{registered} v{version}{' (champion)' if moved else ''}")
 
@@ -91,8 +110,7 @@ def register(catalog: Catalog) -> list[str]:
         metrics = json.loads((folders["metrics"] / "metrics.json").read_text())
         score = (metrics.get("overall") or {}).get("dino")
         registered = model_name("combo", name)
-        version, moved = register_version(uri, registered, run_ids["fused"],
-                                          {**lineage, "artifact.md5": lineage["dvc.fused.md5"]},
-                                          score=score, higher_is_better=True)
+        version, moved = _register_pyfunc(uri, catalog, "combo", name, run_ids["fused"], folders["fused"],
+                                          {**lineage, "artifact.md5": lineage["dvc.fused.md5"]}, score)
         lines.append(f"{registered} v{version}{' (champion)' if moved else ''}")
     return lines
