@@ -16,6 +16,7 @@ class ConceptFlowSTrainConfig(ConceptTrainConfig):
     kron_factor: int = Field(16, ge=1, description="LyCORIS factorization(dim, factor)")
     # Left out of dumps (hence of config hashes and concept.json's config) while "rows", the only
     # axis before this setting existed: absent means "rows", so existing concepts keep their hash.
+    # Default "rows": benchmarks/wd_axis.py measured no toy-identity difference between the axes.
     weight_decompose: Literal["rows", "columns"] = Field(
         "rows", exclude_if=lambda value: value == "rows",
         description="KronA-WED's weight-decomposition axis: 'rows' = norm and m per output row (LyCORIS "
