@@ -20,12 +20,21 @@ from conceptflow.methods.conceptflow_s.config import ConceptFlowSTrainConfig
 from conceptflow.methods.edlora.config import LoRATrainConfig
 from conceptflow.sample import SAMPLERS
 from conceptflow.sample.conceptflow_m.config import ConceptFlowMConfig
-from conceptflow.schema import CONCEPT_NAME, CONCEPT_REFERENCE, StrictModel
+from conceptflow.schema import COMBINATION_NAME, CONCEPT_NAME, CONCEPT_REFERENCE, PROJECT_NAME, StrictModel
 
 __all__ = ["CONCEPT_NAME", "CONCEPT_REFERENCE", "Catalog", "Combination", "Concept", "ConceptFlowSTrainConfig",
-           "LoRATrainConfig", "TrainConfig", "config_hash", "load_catalog"]
+           "IngestConfig", "LoRATrainConfig", "TrainConfig", "config_hash", "load_catalog"]
 
 EMBEDDED_BASE = "embedded:tiny-sd"
+SEED_MAX = 2**32 - 1  # numpy's and most samplers' seed range is 0 .. 2**32-1
+# PIL's decompression-bomb threshold (Image.MAX_IMAGE_PIXELS): above twice it PIL refuses to open a file.
+PIL_PIXEL_LIMIT = 89_478_485
+
+
+def _check_seed(seed: int, where: str) -> int:
+    if not 0 <= seed <= SEED_MAX:
+        raise ValueError(f"{where} {seed} is outside 0..{SEED_MAX} (2**32-1): use a seed in that range")
+    return seed
 
 
 def _train_config_union():
@@ -61,15 +70,41 @@ class Concept(StrictModel):
 
 
 class Combination(StrictModel):
-    name: str = Field("", description="defaults to the concept names joined by '+'")
-    concepts: tuple[str, ...] = Field(min_length=1)
+    name: str = Field("", description="defaults to the concept names joined by '+'; letters, digits, '_', '+' "
+                      "and '-' (it names the folders data/*/<name> and the MLflow model combo.<name>)")
+    concepts: tuple[str, ...] = Field(min_length=1, description="concept names, each at most once")
     prompts: tuple[str, ...] = Field(min_length=1, description="prompts using <name> references")
-    seeds: tuple[int, ...] = (0, 1)
+    seeds: tuple[int, ...] = Field((0, 1), min_length=1, description=f"distinct seeds in 0..{SEED_MAX}, one image "
+                                   "per prompt and seed")
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds_in_range(cls, seeds: tuple[int, ...]) -> tuple[int, ...]:
+        for seed in seeds:
+            _check_seed(seed, "seed")
+        repeated = sorted({seed for seed in seeds if seeds.count(seed) > 1})
+        if repeated:
+            raise ValueError(f"seeds {repeated} are listed more than once (the same seed gives the same image): "
+                             "list each seed once")
+        return seeds
+
+    @field_validator("concepts")
+    @classmethod
+    def _concepts_once(cls, concepts: tuple[str, ...]) -> tuple[str, ...]:
+        repeated = sorted({name for name in concepts if concepts.count(name) > 1})
+        if repeated:
+            raise ValueError(f"concepts {repeated} are listed more than once: list each concept once")
+        return concepts
 
     @model_validator(mode="after")
     def _default_name(self) -> "Combination":
         if not self.name:
             object.__setattr__(self, "name", "+".join(self.concepts))
+        if not COMBINATION_NAME.match(self.name):
+            raise ValueError(
+                f"combination name {self.name!r} must match {COMBINATION_NAME.pattern} (letters, digits, '_', '+', "
+                "'-'; no '/', '.', '@' or spaces: it becomes a folder under data/ and an MLflow model name). "
+                "Rename it, or set `name:` to such a name")
         return self
 
 
@@ -111,6 +146,23 @@ GenerateConfig = create_model(
        for name, spec in SAMPLERS.items() if spec.config is not None})
 
 
+class IngestConfig(StrictModel):
+    """What ingest accepts (conceptflow.data.ingest): image size limits and symlinks."""
+
+    max_pixels: int = Field(64_000_000, ge=1, le=PIL_PIXEL_LIMIT, description="an image with more pixels "
+                            "(width x height, read from the file header before decoding) is refused")
+    min_side_fraction: float = Field(0.5, ge=0, le=1, description="an image whose shorter side is below "
+                                     "min_side_fraction x resolution is small (it would be upscaled more than 2x)")
+    small_images: Literal["refuse", "skip"] = Field("refuse", description="refuse: a small image stops the "
+                                                    "concept; skip: it is left out and listed in ingest.json")
+    outside_symlinks: Literal["refuse", "follow"] = Field(
+        "refuse", description="a file of the concept folder that is a symlink to a file outside the folder: "
+        "refuse (default) or follow it; symlinks within the folder are always fine")
+
+    def is_default(self) -> bool:
+        return self == IngestConfig()
+
+
 class FuseConfig(StrictModel):
     method: Literal["average", "gradient"] = Field(
         "average", description="average: mean of the concepts' weight updates; gradient: Mix-of-Show fusion"
@@ -130,14 +182,15 @@ class EvaluateConfig(StrictModel):
 class Catalog(StrictModel):
     """A concept catalog: the unit a scheduled retraining runs on."""
 
-    project: str = "conceptflow"
+    project: str = Field("conceptflow", description="the MLflow experiment name: letters, digits, '_', '.', '-'")
     base_model: str = Field(EMBEDDED_BASE, description="hub id, local diffusers folder, or embedded:tiny-sd")
     device: str = "cpu"
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     resolution: int = Field(64, ge=32, description="training/sampling resolution in pixels")
-    seed: int = 0
+    seed: int = Field(0, description=f"training seed, 0..{SEED_MAX}")
     concepts: tuple[Concept, ...] = Field(min_length=1)
     combinations: tuple[Combination, ...] = ()
+    ingest: IngestConfig = Field(default_factory=IngestConfig)
     mask: MaskConfig = Field(default_factory=MaskConfig)
     fuse: FuseConfig = Field(default_factory=FuseConfig)
     generate: GenerateConfig = Field(default_factory=GenerateConfig)
@@ -152,27 +205,49 @@ class Catalog(StrictModel):
             return [{"name": name, **(spec or {})} for name, spec in value.items()]
         return value
 
+    @field_validator("project")
+    @classmethod
+    def _project_name(cls, project: str) -> str:
+        if not PROJECT_NAME.match(project):
+            raise ValueError(f"project name {project!r} must match {PROJECT_NAME.pattern} (it is the MLflow "
+                             "experiment name): use letters, digits, '_', '.' and '-'")
+        return project
+
+    @field_validator("seed")
+    @classmethod
+    def _seed_in_range(cls, seed: int) -> int:
+        return _check_seed(seed, "seed")
+
     @model_validator(mode="after")
     def _references_resolve(self) -> "Catalog":
+        """Every cross-reference problem at once (one ValueError, one problem per line)."""
+        problems = []
         names = [c.name for c in self.concepts]
         duplicated = {n for n in names if names.count(n) > 1}
         if duplicated:
-            raise ValueError(f"concept names must be unique; repeated: {sorted(duplicated)}")
+            problems.append(f"concept names must be unique; repeated: {sorted(duplicated)}")
+        combination_names = [c.name for c in self.combinations]
+        duplicated = {n for n in combination_names if combination_names.count(n) > 1}
+        if duplicated:
+            problems.append(f"combination names must be unique; repeated: {sorted(duplicated)} (a combination "
+                            "without `name:` is named after its concepts): give each a distinct `name:`")
         for combination in self.combinations:
             unknown = set(combination.concepts) - set(names)
             if unknown:
-                raise ValueError(
+                problems.append(
                     f"combination {combination.name!r} names unknown concepts {sorted(unknown)}; "
                     f"known: {names}"
                 )
             for prompt in combination.prompts:
                 referenced = set(CONCEPT_REFERENCE.findall(prompt))
                 if not referenced <= set(combination.concepts):
-                    raise ValueError(
+                    problems.append(
                         f"prompt {prompt!r} of combination {combination.name!r} references "
                         f"{sorted(referenced - set(combination.concepts))}, which the combination "
                         "does not list"
                     )
+        if problems:
+            raise ValueError("\n".join(problems))
         return self
 
     def combination(self, name: str) -> Combination:
@@ -208,13 +283,70 @@ class Catalog(StrictModel):
         return self.root / "data"
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's SafeLoader, except that a mapping holding one key twice is an error.
+
+    (Plain PyYAML keeps the last value and drops the others silently.) Keys merged in with
+    ``<<: *anchor`` may be overridden as YAML intends; only keys written twice are refused.
+    """
+
+
+def _construct_unique_mapping(loader: UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    first_line: dict = {}
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue
+        key = loader.construct_object(key_node, deep=True)
+        try:
+            if key in first_line:
+                raise yaml.constructor.ConstructorError(
+                    "while reading a mapping", node.start_mark,
+                    f"found the key {key!r} twice (first on line {first_line[key] + 1}; PyYAML would keep only "
+                    "the last): remove or rename one", key_node.start_mark)
+            first_line[key] = key_node.start_mark.line
+        except TypeError:  # an unhashable key: construct_mapping reports it
+            pass
+    return loader.construct_mapping(node, deep=deep)
+
+
+UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping)
+
+
+def _field_name(loc: tuple, raw: dict) -> str:
+    """A pydantic error location as a catalog path, items named as the user wrote them
+    (``combinations.dog+cat.seeds.0``, not ``combinations.0.seeds.0``)."""
+    parts = [str(part) for part in loc]
+    if len(loc) >= 2 and loc[0] in ("concepts", "combinations") and isinstance(loc[1], int):
+        entries = raw.get(loc[0])
+        if isinstance(entries, dict) and loc[1] < len(entries):
+            parts[1] = str(list(entries)[loc[1]])
+        elif isinstance(entries, list) and loc[1] < len(entries) and isinstance(entries[loc[1]], dict):
+            parts[1] = str(entries[loc[1]].get("name", loc[1]))
+    return ".".join(parts) or "<top>"
+
+
+def format_problems(path: Path, problems: list[str]) -> str:
+    """One message for the CLI: the file, then one problem per line (``field: what is wrong and the fix``)."""
+    if len(problems) == 1:
+        return f"{path}: {problems[0]}"
+    return f"{path}: {len(problems)} problems:\n" + "\n".join(f"  - {problem}" for problem in problems)
+
+
 def load_catalog(path: str | Path) -> Catalog:
-    """Read and validate a catalog YAML; errors name the file and the offending field."""
+    """Read and validate a catalog YAML; errors name the file and the offending field, every problem at once.
+
+    Keys written twice in one mapping are refused (``UniqueKeyLoader``). What needs the disk,
+    torch or the base model's tokenizer (base folder, device, prompt length, evaluator folder)
+    is checked by ``conceptflow.validation.validate_catalog``, which ``conceptflow run`` and
+    ``conceptflow validate`` call before any stage.
+    """
     path = Path(path)
     if not path.is_file():
         raise CatalogError(f"catalog file {path} not found: pass --catalog PATH or create catalog.yaml")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=UniqueKeyLoader)
+    except UnicodeDecodeError as error:
+        raise CatalogError(f"{path} is not UTF-8 text ({error}): save it as UTF-8") from error
     except yaml.YAMLError as error:
         raise CatalogError(f"{path} is not valid YAML: {error}") from error
     if not isinstance(raw, dict):
@@ -223,10 +355,12 @@ def load_catalog(path: str | Path) -> Catalog:
     try:
         return Catalog.model_validate(raw)
     except ValidationError as error:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or '<top>'}: {e['msg']}" for e in error.errors()
-        )
-        raise CatalogError(f"{path}: {problems}") from error
+        problems = []
+        for entry in error.errors():
+            message = entry["msg"].removeprefix("Value error, ")
+            field = _field_name(entry["loc"], raw)
+            problems += [f"{field}: {line}" for line in message.split("\n")]
+        raise CatalogError(format_problems(path, problems)) from error
 
 
 def config_hash(*parts: BaseModel | dict | str | int | float | None) -> str:

@@ -13,7 +13,7 @@ def source_md5(catalog: Catalog, concept_name: str) -> str:
     from hashlib import md5
 
     digest = md5()
-    for path in list_concept_files(catalog.images_dir(catalog.concept(concept_name))):
+    for path in list_concept_files(catalog.images_dir(catalog.concept(concept_name)), catalog.ingest.outside_symlinks):
         digest.update(f"{path.name}\0{file_md5(path)}\n".encode())
     return digest.hexdigest()
 
@@ -23,7 +23,7 @@ def ingest(catalog: Catalog, concept_name: str, force: bool = False):
     source_dir = catalog.images_dir(concept)
 
     def produce(staging):
-        manifest = ingest_concept(source_dir, staging, catalog.resolution, concept_name)
+        manifest = ingest_concept(source_dir, staging, catalog.resolution, concept_name, catalog.ingest)
         return {
             "params": {"resolution": catalog.resolution, "source": str(concept.images)},
             "metrics": {"images": len(manifest["images"]),

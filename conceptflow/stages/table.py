@@ -99,7 +99,9 @@ def generate_settings(catalog: Catalog, sampler: str | None = None) -> GenerateC
 
 
 def _ingest(catalog: Catalog, concept: str) -> tuple[Part, ...]:
-    return (Part("resolution", catalog.resolution),)
+    # ingest: settings only when set (they decide which images are kept): default ones keep the old hash.
+    settings = () if catalog.ingest.is_default() else (Part("ingest", catalog.ingest),)
+    return (Part("resolution", catalog.resolution), *settings)
 
 
 def _mask(catalog: Catalog, concept: str) -> tuple[Part, ...]:
