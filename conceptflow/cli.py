@@ -51,6 +51,15 @@ def _say(stage: str, name: str, ran: bool, manifest) -> None:
     typer.echo(f"{stage:9s} {name:24s} {state:10s} {manifest.path} (md5 {manifest.md5[:10]})")
 
 
+def _project_lock(catalog: Catalog, timeout_s: Optional[float] = None):
+    """The project's run lock (conceptflow.locks): one run or stage command per project at a time.
+    Default wait: CONCEPTFLOW_LOCK_TIMEOUT seconds (unset: as long as it takes; 0: refuse at once)."""
+    from conceptflow.locks import lock_timeout_from_env, run_lock
+
+    return run_lock(catalog.root, timeout_s if timeout_s is not None else lock_timeout_from_env(),
+                    say=lambda text: typer.echo(text, err=True))
+
+
 def _names(all_names: list[str], chosen: Optional[str], what: str) -> list[str]:
     if chosen is None:
         return all_names
@@ -61,16 +70,18 @@ def _names(all_names: list[str], chosen: Optional[str], what: str) -> list[str]:
 
 def _concept_stage(stage: str, function, catalog_path: Path, concept: Optional[str], force: bool) -> None:
     catalog = load_catalog(catalog_path)
-    for name in _names([c.name for c in catalog.concepts], concept, "concept"):
-        manifest, ran = function(catalog, name, force=force)
-        _say(stage, name, ran, manifest)
+    with _project_lock(catalog):
+        for name in _names([c.name for c in catalog.concepts], concept, "concept"):
+            manifest, ran = function(catalog, name, force=force)
+            _say(stage, name, ran, manifest)
 
 
 def _combination_stage(stage: str, function, catalog_path: Path, combination: Optional[str], force: bool, **extra) -> None:
     catalog = load_catalog(catalog_path)
-    for name in _names([c.name for c in catalog.combinations], combination, "combination"):
-        manifest, ran = function(catalog, name, force=force, **extra)
-        _say(stage, name, ran, manifest)
+    with _project_lock(catalog):
+        for name in _names([c.name for c in catalog.combinations], combination, "combination"):
+            manifest, ran = function(catalog, name, force=force, **extra)
+            _say(stage, name, ran, manifest)
 
 
 @app.command()
@@ -136,7 +147,9 @@ def report(catalog: Path = CatalogOption, force: bool = ForceOption):
     """Write the HTML report to data/report/index.html."""
     from conceptflow.stages.report import report as run
 
-    manifest, ran = run(load_catalog(catalog), force=force)
+    loaded = load_catalog(catalog)
+    with _project_lock(loaded):
+        manifest, ran = run(loaded, force=force)
     _say("report", "index.html", ran, manifest)
 
 
@@ -146,8 +159,10 @@ def record(catalog: Path = CatalogOption, push: bool = typer.Option(True, help="
     """Record the current outputs in dvc.lock (dvc commit) and push them to the DVC remote."""
     from conceptflow.lineage import dvc_status_clean, record_outputs
 
-    root = load_catalog(catalog).root
-    record_outputs(root, push=push)
+    loaded = load_catalog(catalog)
+    root = loaded.root
+    with _project_lock(loaded):
+        record_outputs(root, push=push)
     typer.echo(f"dvc.lock updated; dvc status clean: {dvc_status_clean(root)}")
 
 
@@ -157,7 +172,10 @@ def register(catalog: Path = CatalogOption):
     """Log every stage to MLflow and register concept.<name> / combo.<a>+<b> versions with lineage."""
     from conceptflow.stages.register import register as run
 
-    for line in run(load_catalog(catalog)):
+    loaded = load_catalog(catalog)
+    with _project_lock(loaded):
+        lines = run(loaded)
+    for line in lines:
         typer.echo(line)
 
 
@@ -165,12 +183,21 @@ def register(catalog: Path = CatalogOption):
 @user_errors
 def run(catalog: Path = CatalogOption,
         sampler: Optional[str] = typer.Option(None, help="override the catalog's sampler"),
-        runner: str = typer.Option("threads", help="threads | dask (Dask wants a Prefect server: PREFECT_API_URL)")):
+        runner: str = typer.Option("threads", help="threads | dask (Dask wants a Prefect server: PREFECT_API_URL)"),
+        wait: bool = typer.Option(True, "--wait/--no-wait", help="wait for a run or stage command already working "
+                                  "on this project (its lock: .conceptflow/run.lock), or refuse at once"),
+        wait_timeout: Optional[float] = typer.Option(None, envvar="CONCEPTFLOW_LOCK_TIMEOUT",
+                                                     help="seconds to wait for that lock before giving up "
+                                                     "(default: no limit)")):
     """Run the whole catalog as a Prefect flow: ingest -> ... -> register, report."""
-    load_catalog(catalog)  # fail fast, before Prefect starts, on a bad catalog
-    from flows.catalog import run_catalog  # Prefect lives in flows/, imported only here
+    loaded = load_catalog(catalog)  # fail fast, before Prefect starts, on a bad catalog
+    from conceptflow.stages.base import remove_dead_staging_in_project
 
-    summary = run_catalog(str(catalog.resolve()), sampler=sampler, runner=runner)
+    with _project_lock(loaded, wait_timeout if wait else 0.0):
+        remove_dead_staging_in_project(loaded.root)  # killed runs' staging folders
+        from flows.catalog import run_catalog  # Prefect lives in flows/, imported only here
+
+        summary = run_catalog(str(catalog.resolve()), sampler=sampler, runner=runner)
     typer.echo(json.dumps(summary, indent=2))
 
 

@@ -30,7 +30,8 @@ def test_orchestration_has_no_torch(path):
 # which the stage modules themselves use. ``serving`` reads the registry and is what the
 # register stage saves each version's pyfunc model with.
 LAYERS = (
-    {"(root)", "errors", "schema", "fileio", "seeding", "manifest", "services", "tool_env", "lineage", "plots"},
+    {"(root)", "errors", "schema", "fileio", "locks", "seeding", "manifest", "services", "tool_env", "lineage",
+     "plots"},
     {"models", "attention"},
     {"adapters"},
     {"train"},

@@ -6,6 +6,12 @@ upstream hashes). A stage whose folder already carries the manifest key it would
 with unchanged content, is skipped: that is how a second run with nothing changed redoes
 nothing, whichever way it is started (CLI, Prefect flow or ``dvc repro``). Each stage takes
 its folder, config hash and upstream md5s from the stage table (``stages/table.py``).
+
+A stage builds in a staging folder beside its output (``fileio.atomic_directory``) and swaps it
+into place at the end, so a killed stage leaves its old output (or none), never a partial one.
+The staging folders of killed stages are removed when the stage next starts (only those whose
+owner mark no process holds: a concurrent build is left alone), and by ``conceptflow run``
+(``remove_dead_staging_in_project``, under the project's run lock).
 """
 
 from __future__ import annotations
@@ -14,7 +20,8 @@ from pathlib import Path
 from typing import Callable
 
 from conceptflow import __version__
-from conceptflow.fileio import atomic_directory, directory_md5, write_json_atomic
+from conceptflow.fileio import (atomic_directory, directory_md5, remove_dead_staging, remove_dead_staging_under,
+                                write_json_atomic)
 from conceptflow.manifest import Manifest
 
 MANIFEST_FILE = ".manifest.json"
@@ -50,6 +57,7 @@ def run_stage(stage: str, name: str, folder: Path, config_hash: str, upstream: d
         existing = up_to_date(folder, wanted)
         if existing is not None:
             return existing, False
+    remove_dead_staging(Path(folder).parent, Path(folder).name)
     with atomic_directory(folder) as staging:
         record = produce(staging)
         record = {"stage": stage, "name": name, "config_hash": config_hash, "params": {}, "metrics": {},
@@ -58,6 +66,17 @@ def run_stage(stage: str, name: str, folder: Path, config_hash: str, upstream: d
         manifest = wanted.model_copy(update={"md5": directory_md5(staging)})
         manifest.save(staging / MANIFEST_FILE)
     return manifest, True
+
+
+def remove_dead_staging_in_project(root: Path) -> list[Path]:
+    """Remove every killed build's leftovers under the project's ``data/`` and ``.cache/``:
+    staging folders whose owner mark nobody holds, and unmarked ones and ``atomic_path``
+    temporaries of any age. Call it only holding the project's run lock
+    (``conceptflow.locks.run_lock``): then no other conceptflow process writes there."""
+    removed = []
+    for top in ("data", ".cache"):
+        removed += remove_dead_staging_under(Path(root) / top, unmarked_older_than_s=0.0)
+    return removed
 
 
 def require_manifest(folder: Path, what: str, command: str) -> Manifest:

@@ -1,0 +1,172 @@
+"""Faults with real processes: killed builds' staging folders, the project run lock, the MLflow
+server down at register time, idempotent registration, and the same bytes from two processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from conceptflow.fileio import remove_dead_staging, remove_dead_staging_under
+from conceptflow.locks import OWNER_MARK
+from conceptflow.stages.base import remove_dead_staging_in_project, run_stage
+
+ROOT = Path(__file__).resolve().parents[1]
+CLI = [sys.executable, "-m", "conceptflow.cli"]
+
+
+def _env(**extra: str) -> dict:
+    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", **extra}
+
+
+def _wait_for(condition, timeout_s: float = 60.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _builder(destination: Path) -> subprocess.Popen:
+    """A real process building ``destination`` with atomic_directory, stuck half-way."""
+    code = textwrap.dedent(f"""
+        import time
+        from pathlib import Path
+        from conceptflow.fileio import atomic_directory
+        with atomic_directory(Path({str(destination)!r})) as staging:
+            (staging / "adapter.safetensors").write_bytes(b"half")
+            time.sleep(600)
+    """)
+    return subprocess.Popen([sys.executable, "-c", code], env=_env())
+
+
+def _staging_of(parent: Path, name: str) -> list[Path]:
+    if not parent.is_dir():
+        return []
+    return sorted(p for p in parent.iterdir() if p.name.startswith(f".{name}.") and p.is_dir())
+
+
+def test_a_killed_stages_staging_is_removed_when_the_stage_next_starts_and_a_live_one_is_kept(tmp_path):
+    adapters = tmp_path / "data" / "adapters"
+    killed, live = _builder(adapters / "star"), _builder(adapters / "heart")
+    try:
+        _wait_for(lambda: len(_staging_of(adapters, "star")) == 1 and len(_staging_of(adapters, "heart")) == 1
+                  and all((p / "adapter.safetensors").exists() for p in adapters.iterdir()), what="both builders")
+        assert killed.poll() is None and live.poll() is None
+        os.kill(killed.pid, signal.SIGKILL)
+        killed.wait()
+        dead = _staging_of(adapters, "star")[0]
+        assert (dead / OWNER_MARK).exists()  # the mark stays; its lock went with the process
+
+        manifest, ran = run_stage("train", "star", adapters / "star", "cfg", {},
+                                  lambda staging: (staging / "adapter.safetensors").write_bytes(b"full") and {})
+        assert ran and (adapters / "star" / "adapter.safetensors").read_bytes() == b"full"
+        assert not (adapters / "star" / OWNER_MARK).exists()  # the mark never reaches the output
+        assert _staging_of(adapters, "star") == []
+        # the live build of another concept, in the same folder, is not touched by any sweep
+        assert remove_dead_staging(adapters, unmarked_older_than_s=0) == []
+        assert remove_dead_staging_in_project(tmp_path) == []
+        assert len(_staging_of(adapters, "heart")) == 1
+    finally:
+        for process in (killed, live):
+            process.kill()
+            process.wait()
+    # the live builder is killed now: its staging is a dead one too
+    assert [p.name for p in remove_dead_staging_in_project(tmp_path)][0].startswith(".heart.")
+    assert sorted(p.name for p in adapters.iterdir()) == ["star"]
+
+
+def test_unmarked_leftovers_are_removed_by_age_and_by_the_run_sweep(tmp_path):
+    data = tmp_path / "data" / "fused"
+    retiree = data / ".dog+cat.old.ab12cd34"  # killed between retiring the old output and removing it
+    (retiree / "old").mkdir(parents=True)
+    temporary = data / "dog+cat" / "..manifest.json.x1y2z3w4.json"  # an atomic_path temporary
+    temporary.parent.mkdir(parents=True)
+    temporary.write_text("{")
+    keep = [data / "dog+cat" / ".manifest.json", data / "dog+cat" / ".gitignore", data / ".hidden_folder"]
+    keep[0].write_text("{}")
+    keep[1].write_text("x")
+    keep[2].mkdir()
+    assert remove_dead_staging(data, "dog+cat") == []  # young and unmarked: maybe being finished
+    old = time.time() - 3600
+    os.utime(retiree, (old, old))
+    assert remove_dead_staging(data, "other") == []  # only the stage's own name
+    assert remove_dead_staging(data, "dog+cat") == [retiree]
+    assert remove_dead_staging_under(tmp_path / "data", unmarked_older_than_s=0) == [temporary]
+    assert all(path.exists() for path in keep)
+
+
+# ---------------------------------------------------------------- the project run lock
+
+
+HOLDER = """
+import sys, time
+from conceptflow.locks import run_lock
+with run_lock(sys.argv[1]):
+    print("holding", flush=True)
+    time.sleep(600)
+"""
+
+
+def _tiny_project(root: Path) -> Path:
+    import shutil
+
+    import yaml
+
+    photos = root / "photos" / "zigzag_star"
+    photos.mkdir(parents=True)
+    for stem in ("00", "01"):
+        for suffix in (".png", ".txt"):
+            shutil.copy(ROOT / "assets" / "toy-concepts" / "zigzag_star" / f"{stem}{suffix}", photos)
+    catalog = {"project": "lock-test", "base_model": "embedded:tiny-sd", "device": "cpu", "resolution": 64,
+               "concepts": {"zigzag_star": {"class_word": "star", "images": "photos/zigzag_star",
+                                            "train": {"method": "edlora", "steps": 2}}},
+               "combinations": {}, "mask": {"backend": "auto"}}
+    (root / "catalog.yaml").write_text(yaml.safe_dump(catalog, sort_keys=False))
+    return root
+
+
+def test_a_second_command_on_a_locked_project_refuses_or_waits_and_runs_once_the_holder_is_killed(tmp_path):
+    project = _tiny_project(tmp_path)
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(project)], env=_env(), stdout=subprocess.PIPE,
+                              text=True)
+    waiter = None
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        lock = project / ".conceptflow" / "run.lock"
+        refused = subprocess.run([*CLI, "run", "--no-wait"], cwd=project, env=_env(), capture_output=True,
+                                 text=True, timeout=120)
+        assert refused.returncode == 2, refused.stderr
+        assert f"(pid {holder.pid}" in refused.stderr and str(lock) in refused.stderr
+        assert "Traceback" not in refused.stderr
+        gave_up = subprocess.run([*CLI, "ingest"], cwd=project, env=_env(CONCEPTFLOW_LOCK_TIMEOUT="1"),
+                                 capture_output=True, text=True, timeout=120)
+        assert gave_up.returncode == 2 and "gave up after 1 s" in gave_up.stderr, gave_up.stderr
+        assert f"waiting for the run holding {lock} (pid {holder.pid}" in gave_up.stderr
+        assert not (project / "data" / "concepts").exists()  # nothing was done while locked
+
+        waiter = subprocess.Popen([*CLI, "ingest"], cwd=project, env=_env(), stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True)
+        assert "waiting for the run holding" in waiter.stderr.readline()
+        time.sleep(1.0)
+        assert waiter.poll() is None  # still waiting
+        os.kill(holder.pid, signal.SIGKILL)  # the kernel releases a dead holder's flock
+        holder.wait()
+        out, err = waiter.communicate(timeout=300)
+        assert waiter.returncode == 0, err
+        assert "ingest" in out and "done" in out
+        assert (project / "data" / "concepts" / "zigzag_star" / "images" / ".manifest.json").is_file()
+        assert lock.read_text().split()[0] == str(waiter.pid)
+    finally:
+        for process in (holder, waiter):
+            if process is not None and process.poll() is None:
+                process.kill()
+                process.wait()
