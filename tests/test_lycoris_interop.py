@@ -346,3 +346,23 @@ def save_and_read(folder):
     from conceptflow.adapters.concept_io import read_adapter
 
     return read_adapter(folder)
+
+
+def test_diff_export_finds_a_catalog_relative_base(tmp_path, monkeypatch):
+    """concept.json keeps the catalog's spelling of the base (e.g. assets/toy-base): the exporter
+    finds it under the concept folder's parents, whatever the current directory."""
+    import shutil
+
+    root = tmp_path / "project"
+    shutil.copytree(embedded_model_path(TINY_BASE), root / "assets" / "base")
+    unet = UNet2DConditionModel.from_pretrained(root / "assets" / "base", subfolder="unet").eval()
+    _, modules = trained_krona_unet(unet, "rows")
+    tensors = {f"unet.{k}": v for k, v in krona_wed_state_dict(modules).items()}
+    meta = {"method": "conceptflow_s", "name": "c", "base_model": "assets/base",
+            "base_model_hash": model_fingerprint(str(root / "assets" / "base"))}
+    folder = save_adapter(root / "data" / "adapters" / "c", tensors, meta)
+    monkeypatch.chdir(tmp_path)
+    written = load_file(str(get_method("conceptflow_s").exporter("diff")(folder, tmp_path / "d.safetensors")))
+    assert len(written) == 56
+    for path, module in modules.items():
+        assert torch.equal(written[f"{lycoris_name(path)}.diff"], module.delta_weight().detach())

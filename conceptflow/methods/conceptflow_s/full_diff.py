@@ -61,8 +61,9 @@ def export_diff_concept(concept_folder: Path, out_path: Path, base_model: str | 
     Loads exactly in ComfyUI (LoraLoader: ``comfy/lora.py`` "diff" patches) and AUTOMATIC1111
     (``extensions-builtin/Lora/network_full.py``): both add ΔW to the base weight
     (``benchmarks/interop.py`` measures it). 374 MB for an SD-1.5 concept (module docstring).
-    ``base_model`` overrides concept.json's (e.g. when its catalog-relative folder is not under
-    the current directory); its weights must be the ones the concept was trained on.
+    ``base_model`` overrides concept.json's; without it a catalog-relative folder is looked for
+    under the current directory and the concept folder's parents. Its weights must be the ones
+    the concept was trained on (concept.json's ``base_model_hash``).
     """
     from conceptflow.models.loading import load_base_pipeline, model_fingerprint
 
@@ -75,6 +76,13 @@ def export_diff_concept(concept_folder: Path, out_path: Path, base_model: str | 
     if not source:
         raise ConceptflowError(f"{concept_folder}/concept.json names no base_model; pass base_model=")
     expected_hash = meta.get("base_model_hash")
+    if base_model is None and expected_hash and not Path(source).is_absolute():
+        # a catalog-relative folder (concept.json keeps the catalog's spelling): the first of the
+        # current directory and the concept folder's parents under which it is that model
+        for root in (Path.cwd(), *concept_folder.resolve().parents):
+            if (root / source).is_dir() and model_fingerprint(str(root / source)) == expected_hash:
+                source = str(root / source)
+                break
     if expected_hash and model_fingerprint(source) != expected_hash:
         raise ConceptflowError(
             f"base model {source!r} is not the one {concept_folder} was trained on (its weights' hash differs "
