@@ -85,7 +85,8 @@ def test_conceptflow_s_concept_exports_to_lycoris(project, first_run):
 
     from conceptflow.models.loading import load_base_pipeline
 
-    run_cli(project, "export-lycoris", f"data/adapters/{SECOND}", "lokr.safetensors")
+    # the default catalog's ConceptFlow-S concept normalises rows: its LoKr form is 'lycoris-rows'
+    run_cli(project, "export", SECOND, "--format", "lycoris-rows", "--out", "lokr.safetensors")
     keys = load_file(str(project / "lokr.safetensors")).keys()
     assert {key.rsplit(".", 1)[1] for key in keys} == {"lokr_w1", "lokr_w2", "alpha", "dora_scale"}
     unet = load_base_pipeline(str(project / DEFAULT["base_model"])).unet
