@@ -269,6 +269,48 @@ def export_lycoris(adapter: Path = typer.Argument(..., help="a trained conceptfl
     typer.echo(f"wrote {output}")
 
 
+@app.command("sample")
+@user_errors
+def sample(model: str = typer.Option(..., "--model", "-m",
+                                     help="combo.<a>+<b>@champion, concept.<name>@alias or <name>/<version>"),
+           prompt: list[str] = typer.Option(..., "--prompt", "-p", help="a prompt (repeatable); concepts as <name>"),
+           seeds: str = typer.Option("0", help="seeds: a range 0-7, a list 0,3,5, or both"),
+           out: Path = typer.Option(..., "--out", "-o", help="folder for the images and images.json (replaced)"),
+           sampler: Optional[str] = typer.Option(None, help="a conceptflow.sample.SAMPLERS name (default: the "
+                                                 "sampler the generate stage used)"),
+           steps: Optional[int] = typer.Option(None, help="denoising steps (default: the recorded setting)"),
+           guidance_scale: Optional[float] = typer.Option(None, help="classifier-free guidance scale"),
+           batch_size: Optional[int] = typer.Option(None, help="images per sampling batch"),
+           project: Optional[Path] = typer.Option(None, help="checkout holding a project-relative base model "
+                                                  "(default: the git checkout around the current folder)"),
+           dvc_remote: Optional[Path] = typer.Option(None, envvar="CONCEPTFLOW_DVC_REMOTE",
+                                                     help="DVC remote folder to check the files against "
+                                                     "(default: the project's default local remote, if present)"),
+           from_dvc: bool = typer.Option(False, help="read the model's files from the DVC remote, not the registry"),
+           verify_base: bool = typer.Option(True, help="refuse a base model whose content hash differs"),
+           device: str = typer.Option("cpu")):
+    """Generate from a registered version (MLFLOW_TRACKING_URI): no catalog or training data needed."""
+    from conceptflow.registry import tracking_uri
+    from conceptflow.serving import dvc_remote as remotes
+    from conceptflow.serving.base_model import git_toplevel
+    from conceptflow.serving.from_registry import sample_registered
+    from conceptflow.serving.reference import parse_model_reference, parse_seeds
+
+    reference, seed_list = parse_model_reference(model), parse_seeds(seeds)
+    root = (project or git_toplevel(Path.cwd()) or Path.cwd()).resolve()
+    remote = dvc_remote or remotes.project_remote(root)
+    if remote is not None and not remote.is_dir():
+        if dvc_remote is not None or from_dvc:
+            raise ConceptflowError(f"DVC remote {remote} is not a folder: pass --dvc-remote PATH")
+        remote = None  # the project's configured remote is not on this machine: check against the registry only
+    header = sample_registered(tracking_uri(root), reference, prompt, seed_list, out, sampler, steps, guidance_scale,
+                               batch_size, project, remote, from_dvc, verify_base, device)
+    typer.echo(f"{header['reference']} (v{header['version']}, artifact {header['artifact_md5']} from "
+               f"{header['artifact_source']}{', checked against DVC' if header['dvc_checked'] else ''}; base "
+               f"{header['base_model']}{' verified' if header['base_verified'] else ''}): "
+               f"{len(prompt) * len(seed_list)} images in {out}")
+
+
 @registry_app.command("show")
 @user_errors
 def registry_show(name: str = typer.Argument(..., help="e.g. concept.dog or combo.dog+cat"),
