@@ -120,9 +120,11 @@ class ConceptFlowSMethod(ConceptTrainer):
     def method_meta(self) -> dict:
         """The method's part of ``concept.json``. Its tensors: ``unet.<path>.kron_a|kron_b|magnitude``
         (m of ``out`` values with ``weight_decompose`` "rows", of ``in`` values with "columns")
-        and ``image_adapter.<name>`` (kept for inspection and further training; sampling ignores it)."""
-        return {"adapter": "krona_wed", "kron_factor": self.config.kron_factor,
-                "weight_decompose": self.config.weight_decompose,
+        and ``image_adapter.<name>`` (kept for inspection and further training; sampling ignores it).
+        ``weight_decompose`` is written for "columns" only: absent means "rows" (as in files from
+        before the setting), which keeps a row-norm concept's concept.json as it was."""
+        axis = {} if self.config.weight_decompose == "rows" else {"weight_decompose": self.config.weight_decompose}
+        return {"adapter": "krona_wed", "kron_factor": self.config.kron_factor, **axis,
                 "unet_targets": sorted(self.krona_modules), "image_encoder": self.config.image_encoder,
                 "image_adapter": {"image_dim": self.image_adapter.image_dim, "text_dim": self.image_adapter.text_dim}}
 
