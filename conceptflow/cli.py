@@ -68,8 +68,18 @@ def _names(all_names: list[str], chosen: Optional[str], what: str) -> list[str]:
     return [chosen]
 
 
-def _concept_stage(stage: str, function, catalog_path: Path, concept: Optional[str], force: bool) -> None:
+def _valid_catalog(catalog_path: Path) -> Catalog:
+    """The catalog, loaded and checked before any work (conceptflow.validation): every problem at once."""
+    from conceptflow.validation import validate_catalog
+
     catalog = load_catalog(catalog_path)
+    validate_catalog(catalog, catalog_path)
+    return catalog
+
+
+def _concept_stage(stage: str, function, catalog_path: Path, concept: Optional[str], force: bool) -> None:
+    # ingest needs neither the base model nor the device: a stage before them keeps working without them.
+    catalog = load_catalog(catalog_path) if stage == "ingest" else _valid_catalog(catalog_path)
     with _project_lock(catalog):
         for name in _names([c.name for c in catalog.concepts], concept, "concept"):
             manifest, ran = function(catalog, name, force=force)
@@ -77,11 +87,19 @@ def _concept_stage(stage: str, function, catalog_path: Path, concept: Optional[s
 
 
 def _combination_stage(stage: str, function, catalog_path: Path, combination: Optional[str], force: bool, **extra) -> None:
-    catalog = load_catalog(catalog_path)
+    catalog = _valid_catalog(catalog_path)
     with _project_lock(catalog):
         for name in _names([c.name for c in catalog.combinations], combination, "combination"):
             manifest, ran = function(catalog, name, force=force, **extra)
             _say(stage, name, ran, manifest)
+
+
+@app.command()
+@user_errors
+def validate(catalog: Path = CatalogOption):
+    """Check the catalog without running anything: fields, names, base model, device, prompt lengths, folders."""
+    loaded = _valid_catalog(catalog)
+    typer.echo(f"{catalog}: valid ({len(loaded.concepts)} concepts, {len(loaded.combinations)} combinations)")
 
 
 @app.command()
@@ -190,7 +208,7 @@ def run(catalog: Path = CatalogOption,
                                                      help="seconds to wait for that lock before giving up "
                                                      "(default: no limit)")):
     """Run the whole catalog as a Prefect flow: ingest -> ... -> register, report."""
-    loaded = load_catalog(catalog)  # fail fast, before Prefect starts, on a bad catalog
+    loaded = _valid_catalog(catalog)  # fail fast, before Prefect starts, on a bad catalog (every problem at once)
     from conceptflow.stages.base import remove_dead_staging_in_project
 
     with _project_lock(loaded, wait_timeout if wait else 0.0):
@@ -207,7 +225,7 @@ def schedule(catalog: Path = CatalogOption,
              cron: str = typer.Option("0 3 * * 1", help="cron expression (default: Mondays 03:00 UTC)"),
              sampler: Optional[str] = typer.Option(None)):
     """Serve the catalog flow on a cron schedule (needs a Prefect server: PREFECT_API_URL)."""
-    load_catalog(catalog)
+    _valid_catalog(catalog)
     from flows.schedule import serve_retraining
 
     serve_retraining(str(catalog.resolve()), cron, sampler)

@@ -23,6 +23,14 @@ works; ``download`` gives the stage folder either way.
 current champion's; an unscored version takes the alias only when there is no champion yet or
 the champion has no score either.
 
+Registration is idempotent on content: a version whose ``artifact.md5`` (the adapter's or
+fused model's DVC md5) is already registered is returned, so a rerun, or a retrain that gives
+the same bytes, adds no version; a version registered by a run killed before it could move
+``champion`` gets the alias on the rerun, as it would have. ``with_server_retries`` retries a
+whole (idempotent) registration while the tracking server is unreachable: a few tries with
+backoff (``CONCEPTFLOW_MLFLOW_TRIES``, default 3; ``CONCEPTFLOW_MLFLOW_BACKOFF_S``, default 2:
+waits of 2 s, 4 s, ...), then a ``RegistryError`` naming the tracking URI.
+
 The store is ``MLFLOW_TRACKING_URI`` when set, else ``sqlite:///<project>/mlruns.db`` with
 artifacts in ``<project>/mlartifacts``. ``flows.server.mlflow_server`` runs ``mlflow server``
 on 127.0.0.1 for the server mode (e.g. on PostgreSQL).
@@ -330,10 +338,11 @@ def register_version(store: str | MlflowClient, model_name: str, run_id: str, li
     md5 = lineage.get(ARTIFACT_MD5) or run.data.tags.get(ARTIFACT_MD5)
     _ensure_registered_model(client, model_name)
     if md5:
-        same = [v for v in _versions(client, model_name)
-                if v.tags.get(ARTIFACT_MD5) == md5 and v.source.endswith(f"/{artifact_path}")]
+        versions = _versions(client, model_name)
+        same = [v for v in versions if v.tags.get(ARTIFACT_MD5) == md5 and v.source.endswith(f"/{artifact_path}")]
         if same:
-            return str(max(int(v.version) for v in same)), False
+            found = max(same, key=lambda v: int(v.version))
+            return str(found.version), _finish_alias(client, model_name, found, versions)
 
     tags = {str(k): str(v) for k, v in lineage.items()}
     tags.update({ARTIFACT_MD5: md5 or "", "run_id": run_id, "stage": run.data.tags.get("stage", ""),
@@ -347,6 +356,81 @@ def register_version(store: str | MlflowClient, model_name: str, run_id: str, li
     if moved:
         client.set_registered_model_alias(model_name, CHAMPION, str(version.version))
     return str(version.version), moved
+
+
+def _finish_alias(client: MlflowClient, model_name: str, found, versions: list) -> bool:
+    """Move ``champion`` to ``found`` when it is the newest version, not yet champion and no worse
+    than the champion: what registering it would have done had its run not been killed between
+    creating the version and moving the alias. Returns whether the alias moved."""
+    if int(found.version) != max(int(v.version) for v in versions):
+        return False
+    champion = _champion(client, model_name)
+    if champion is not None and str(champion.version) == str(found.version):
+        return False
+    higher_is_better = found.tags.get(SCORE_HIGHER_IS_BETTER, "true") == "true"
+    if champion is None or _no_worse(_score(found), _score(champion), higher_is_better):
+        client.set_registered_model_alias(model_name, CHAMPION, str(found.version))
+        return True
+    return False
+
+
+# ---------------------------------------------------------------- an unreachable server
+
+_UNREACHABLE = ("failed with exception", "Connection refused", "Max retries exceeded", "OperationalError",
+                "could not connect to server", "Temporarily Unavailable", "503", "502", "504")
+
+
+def server_unreachable(error: BaseException) -> bool:
+    """Whether ``error`` says the tracking server (or its database) could not be reached."""
+    try:
+        import requests
+
+        if isinstance(error, (requests.exceptions.ConnectionError, requests.exceptions.Timeout)):
+            return True
+    except ImportError:  # pragma: no cover - mlflow depends on requests
+        pass
+    if isinstance(error, (ConnectionError, TimeoutError)):
+        return True
+    if isinstance(error, MlflowException):
+        if error.error_code in ("TEMPORARILY_UNAVAILABLE",):
+            return True
+        message = str(error)
+        return error.error_code == "INTERNAL_ERROR" and any(text in message for text in _UNREACHABLE)
+    return False
+
+
+def _env_number(name: str, default: float, kind=float):
+    value = os.environ.get(name, "").strip()
+    try:
+        return kind(value) if value else default
+    except ValueError:
+        raise RegistryError(f"{name}={value!r} is not a number") from None
+
+
+def with_server_retries(uri: str, action: Callable[[], object], tries: int | None = None,
+                        backoff_s: float | None = None, sleep: Callable[[float], None] = time.sleep):
+    """``action()``, tried again while the tracking server is unreachable; ``action`` must be
+    idempotent (every registry call here is). ``tries`` (default CONCEPTFLOW_MLFLOW_TRIES or 3)
+    attempts with waits of ``backoff_s`` (CONCEPTFLOW_MLFLOW_BACKOFF_S or 2), twice that, ...
+    in between; then a ``RegistryError`` naming ``uri`` and what to do. Other errors pass."""
+    tries = max(1, int(tries if tries is not None else _env_number("CONCEPTFLOW_MLFLOW_TRIES", 3, int)))
+    backoff_s = float(backoff_s if backoff_s is not None else _env_number("CONCEPTFLOW_MLFLOW_BACKOFF_S", 2.0))
+    started = time.monotonic()
+    for attempt in range(1, tries + 1):
+        try:
+            return action()
+        except Exception as error:  # noqa: BLE001 - classified right here
+            if not server_unreachable(error):
+                raise
+            last = error
+        if attempt < tries:
+            sleep(backoff_s * 2 ** (attempt - 1))
+    first_line = str(last).strip().splitlines()[0][:300] if str(last).strip() else type(last).__name__
+    raise RegistryError(
+        f"the MLflow tracking server at {uri} is unreachable ({tries} tries over "
+        f"{time.monotonic() - started:.0f} s; last error: {first_line}). Start it (or point MLFLOW_TRACKING_URI "
+        "at a running one) and run again: finished stages are kept, and what is already registered is found, "
+        "not registered twice") from None
 
 
 def lookup(store: str | MlflowClient, model_name: str, alias: str | None = CHAMPION,

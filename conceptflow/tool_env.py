@@ -7,7 +7,7 @@ starts (before any command imports mlflow or prefect); Dask workers and the serv
 inherit the environment. A value already set always wins.
 
 - MLflow: no telemetry, no progress bars for artifact transfers (the pipeline runs offline and
-  logs to files).
+  logs to files), one quick HTTP retry (a server that is down fails in seconds, not minutes).
 - Prefect: ephemeral mode (no server to run) with its state under ``./.prefect`` unless
   PREFECT_HOME or PREFECT_API_URL say otherwise; analytics off; warnings only; the ephemeral
   API server, which starts in ~8 s on an idle machine, gets 120 s on a busy one.
@@ -18,7 +18,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-MLFLOW_DEFAULTS = {"MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
+# MLflow's own HTTP retries (7 with backoff factor 2: minutes against a server that is down) are cut
+# to one quick retry: registration retries whole, boundedly (registry.with_server_retries).
+MLFLOW_DEFAULTS = {"MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+                   "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
 
 
 def prefect_defaults(project: Path | None = None) -> dict[str, str]:

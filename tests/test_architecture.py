@@ -41,6 +41,7 @@ LAYERS = (
     {"exports"},
     {"config"},
     {"layout", "data", "metrics"},
+    {"validation"},
     {"toy"},
     {"stages.base", "stages.table"},
     {"registry", "report"},

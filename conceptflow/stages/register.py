@@ -71,6 +71,14 @@ def _register_pyfunc(uri: str, catalog: Catalog, kind: str, name: str, run_id: s
 
 
 def register(catalog: Catalog) -> list[str]:
+    """Log and register the whole catalog; retried (it is idempotent) while the MLflow server is
+    unreachable, then a RegistryError naming its URI (``registry.with_server_retries``)."""
+    from conceptflow.registry import tracking_uri, with_server_retries
+
+    return with_server_retries(tracking_uri(Layout(catalog).root), lambda: _register_all(catalog))
+
+
+def _register_all(catalog: Catalog) -> list[str]:
     from conceptflow.registry import log_stage_run, model_name, tracking_uri
 
     layout = Layout(catalog)
