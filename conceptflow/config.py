@@ -74,12 +74,14 @@ class Combination(StrictModel):
                       "and '-' (it names the folders data/*/<name> and the MLflow model combo.<name>)")
     concepts: tuple[str, ...] = Field(min_length=1, description="concept names, each at most once")
     prompts: tuple[str, ...] = Field(min_length=1, description="prompts using <name> references")
-    seeds: tuple[int, ...] = Field((0, 1), min_length=1, description=f"distinct seeds in 0..{SEED_MAX}, one image "
+    seeds: tuple[int, ...] = Field((0, 1), description=f"distinct seeds in 0..{SEED_MAX}, at least one; one image "
                                    "per prompt and seed")
 
     @field_validator("seeds")
     @classmethod
     def _seeds_in_range(cls, seeds: tuple[int, ...]) -> tuple[int, ...]:
+        if not seeds:
+            raise ValueError("no seeds: list at least one (e.g. `seeds: [0, 1]`), or leave `seeds:` out for 0 and 1")
         for seed in seeds:
             _check_seed(seed, "seed")
         repeated = sorted({seed for seed in seeds if seeds.count(seed) > 1})
@@ -202,6 +204,10 @@ class Catalog(StrictModel):
     def _mapping_form(cls, value):
         """Accept ``{name: spec}`` (the form dvc.yaml's foreach reads) as well as a list."""
         if isinstance(value, dict):
+            wrong = [name for name, spec in value.items() if spec is not None and not isinstance(spec, dict)]
+            if wrong:
+                raise ValueError(f"{wrong[0]!r} must hold a mapping of its settings (e.g. `class_word: dog`, "
+                                 f"`concepts: [a, b]`), not {type(value[wrong[0]]).__name__} {value[wrong[0]]!r}")
             return [{"name": name, **(spec or {})} for name, spec in value.items()]
         return value
 
@@ -283,6 +289,14 @@ class Catalog(StrictModel):
         return self.root / "data"
 
 
+class DuplicateKeyError(yaml.YAMLError):
+    """A mapping of the catalog YAML holds one key twice; ``line`` is the second one's (1-based)."""
+
+    def __init__(self, message: str, line: int):
+        super().__init__(message)
+        self.line = line
+
+
 class UniqueKeyLoader(yaml.SafeLoader):
     """PyYAML's SafeLoader, except that a mapping holding one key twice is an error.
 
@@ -299,10 +313,9 @@ def _construct_unique_mapping(loader: UniqueKeyLoader, node: yaml.MappingNode, d
         key = loader.construct_object(key_node, deep=True)
         try:
             if key in first_line:
-                raise yaml.constructor.ConstructorError(
-                    "while reading a mapping", node.start_mark,
-                    f"found the key {key!r} twice (first on line {first_line[key] + 1}; PyYAML would keep only "
-                    "the last): remove or rename one", key_node.start_mark)
+                raise DuplicateKeyError(
+                    f"the key {key!r} is written twice in one mapping (first on line {first_line[key] + 1}; "
+                    "PyYAML would silently keep only the last): remove or rename one", key_node.start_mark.line + 1)
             first_line[key] = key_node.start_mark.line
         except TypeError:  # an unhashable key: construct_mapping reports it
             pass
@@ -344,9 +357,12 @@ def load_catalog(path: str | Path) -> Catalog:
     if not path.is_file():
         raise CatalogError(f"catalog file {path} not found: pass --catalog PATH or create catalog.yaml")
     try:
-        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=UniqueKeyLoader)
+        with path.open(encoding="utf-8") as handle:  # a stream: YAML's messages name the file
+            raw = yaml.load(handle, Loader=UniqueKeyLoader)
     except UnicodeDecodeError as error:
         raise CatalogError(f"{path} is not UTF-8 text ({error}): save it as UTF-8") from error
+    except DuplicateKeyError as error:
+        raise CatalogError(f"{path}: line {error.line}: {error}") from error
     except yaml.YAMLError as error:
         raise CatalogError(f"{path} is not valid YAML: {error}") from error
     if not isinstance(raw, dict):

@@ -9,6 +9,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from conceptflow.errors import ConceptflowError
 from conceptflow.stages.table import STAGES, plan, stage, upstream_items
+from conceptflow.validation import validate_catalog
 from tasks.stages import STAGE_TASKS, catalog_at, record_task, register_task
 
 ITEM_STAGES = tuple(row for row in STAGES if row.fan_out != "catalog")
@@ -24,6 +25,7 @@ def catalog_flow(catalog_path: str, sampler: str | None = None) -> dict:
     """ingest -> mask -> train per concept; fuse -> generate -> evaluate per combination;
     then the report, record in DVC, register in MLflow."""
     catalog = catalog_at(catalog_path)  # validated once here; thread-runner tasks reuse it
+    validate_catalog(catalog, catalog_path)  # base, device, prompts, folders: before the first stage
     options = {"sampler": sampler}
     futures: dict[str, PrefectFuture] = {}
     for row, item in plan(catalog, ITEM_STAGES):
