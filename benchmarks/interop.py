@@ -52,7 +52,15 @@ the weight computation):
   ``named_modules``), the ldm paths again from ComfyUI's ``unet_to_diffusers`` (both UIs use
   the CompVis ldm module layout).
 
-Last line: ``interop max relative error = x (formats: lycoris, diff)``.
+ED-LoRA's ``kohya`` export (``conceptflow.methods.edlora.kohya``) runs through the same loaders:
+LoRA (rank 4, trained-looking A and B with ‖B·A‖ = 0.2‖W0‖) on the UNet's 128 attention linears
+and the SD-1.5 text encoder's (CLIP ViT-L/14, random weights) 48 attention linears; ComfyUI maps
+the text encoder with ``comfy.lora.model_lora_keys_clip`` (keys ``clip_l.transformer.text_model…``
+as a loaded SD-1.5 checkpoint has), A1111 with ``transformer_text_model_…`` layer names (what
+``assign_network_names_to_compvis_modules`` builds from FrozenCLIPEmbedder's HF CLIPTextModel).
+The reference weight is W0 + ΔW with ΔW from our reader (``edlora_deltas``).
+
+Last line: ``interop max relative error = x (formats: lycoris, diff, kohya)``.
 """
 
 from __future__ import annotations
@@ -71,10 +79,12 @@ import torch
 from diffusers import UNet2DConditionModel
 from safetensors.torch import load_file
 from torch import nn
+from transformers import CLIPTextConfig, CLIPTextModel
 
 from conceptflow.methods.conceptflow_s.full_diff import export_diff
 from conceptflow.methods.conceptflow_s.krona_wed import KronaWEDLinear, attention_linear_paths
 from conceptflow.methods.conceptflow_s.lycoris import export_lycoris
+from conceptflow.methods.edlora.reader import edlora_deltas
 
 # runwayml/stable-diffusion-v1-5 unet/config.json (diffusers), without the _class_name/_diffusers_version keys
 SD15_UNET_CONFIG = {
@@ -94,7 +104,11 @@ COMFY_SD15_UNET_CONFIG = {
     "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
     "use_temporal_attention": False, "use_temporal_resblock": False,
 }
-COMPATIBLE = ("lycoris", "diff")
+COMPATIBLE = ("lycoris", "diff", "kohya")
+# openai/clip-vit-large-patch14's text config (SD 1.5's text encoder)
+SD15_TEXT_CONFIG = {"vocab_size": 49408, "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+                    "num_attention_heads": 12, "max_position_embeddings": 77, "hidden_act": "quick_gelu",
+                    "bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": 1, "projection_dim": 768}
 GOAL = 1e-5
 FORMATS = (("lycoris", "columns"), ("diff", "rows"), ("diff", "columns"), ("lycoris-rows", "rows"))
 
@@ -278,6 +292,99 @@ def a1111_weights(file: Path, unet: nn.Module, networks: dict, ldm_by_path: dict
     return weights, len(net.modules), len(groups) - len(net.modules)
 
 
+# --- ED-LoRA as kohya ---------------------------------------------------------------------------
+
+def lora_concept(unet: nn.Module, text_encoder: nn.Module, seed: int) -> tuple[dict[str, torch.Tensor], dict]:
+    """Saved-ED-LoRA-shaped tensors (``unet.<path>.lora_A.weight`` ...) and meta, trained-looking values."""
+    from conceptflow.methods.edlora.lora import TEXT_ATTENTION_LINEARS, UNET_ATTENTION_LINEARS
+
+    generator = torch.Generator().manual_seed(seed)
+    rank, tensors = 4, {}
+    for model_name, model, targets in (("unet", unet, UNET_ATTENTION_LINEARS),
+                                       ("text_encoder", text_encoder, TEXT_ATTENTION_LINEARS)):
+        for path, module in model.named_modules():
+            if not isinstance(module, nn.Linear) or not path.endswith(tuple(f".{t}" for t in targets)):
+                continue
+            if model_name == "unet" and ".attn" not in path:
+                continue
+            down = torch.randn(rank, module.in_features, generator=generator)
+            up = torch.randn(module.out_features, rank, generator=generator)
+            up *= 0.2 * module.weight.norm() / (up @ down).norm()
+            tensors[f"{model_name}.{path}.lora_A.weight"], tensors[f"{model_name}.{path}.lora_B.weight"] = down, up
+    return tensors, {"alpha": 1.0, "rank": rank}
+
+
+def write_kohya(tensors: dict[str, torch.Tensor], meta: dict, folder: Path) -> Path:
+    from safetensors.torch import save_file
+
+    from conceptflow.methods.edlora.kohya import kohya_state_dict
+
+    path = folder / "kohya.safetensors"
+    save_file(kohya_state_dict(tensors, meta["alpha"]), str(path))
+    return path
+
+
+def comfy_lora_weights(file: Path, unet: nn.Module, text_encoder: nn.Module, comfy_lora, comfy_utils
+                       ) -> tuple[dict[str, torch.Tensor], int, int]:
+    """({"unet.<path>" | "text_encoder.<path>": W}, keys mapped, keys not loaded) through ComfyUI."""
+    diffusers_to_ldm = comfy_utils.unet_to_diffusers(COMFY_SD15_UNET_CONFIG)
+    to_path = {f"diffusion_model.{ldm}": "unet." + key.removesuffix(".weight")
+               for key, ldm in diffusers_to_ldm.items() if key.endswith(".weight")}
+    text_keys = {f"clip_l.transformer.{name}": f"text_encoder.{name.removesuffix('.weight')}"
+                 for name, _ in text_encoder.named_parameters() if name.endswith(".weight")}
+    to_path.update(text_keys)
+    unet_model = types.SimpleNamespace(state_dict=lambda: {key: None for key in to_path if key.startswith("diffusion")},
+                                       model_config=types.SimpleNamespace(unet_config=COMFY_SD15_UNET_CONFIG))
+    clip_model = types.SimpleNamespace(state_dict=lambda: dict.fromkeys(text_keys))
+    key_map = comfy_lora.model_lora_keys_clip(clip_model, comfy_lora.model_lora_keys_unet(unet_model, {}))
+    not_loaded = _CountingHandler("lora key not loaded")
+    logging.getLogger().addHandler(not_loaded)
+    try:
+        patches = comfy_lora.load_lora(load_file(str(file)), key_map)
+    finally:
+        logging.getLogger().removeHandler(not_loaded)
+    models = {"unet": unet, "text_encoder": text_encoder}
+    weights = {}
+    for key, patch in patches.items():
+        model_name, _, path = to_path[key].partition(".")
+        base = models[model_name].get_submodule(path).weight.detach().clone().float()
+        weights[to_path[key]] = comfy_lora.calculate_weight([(1.0, patch, 1.0, None, None)], base, key)
+    return weights, len(patches), not_loaded.count
+
+
+def a1111_lora_weights(file: Path, unet: nn.Module, text_encoder: nn.Module, networks: dict,
+                       ldm_by_path: dict[str, str]) -> tuple[dict[str, torch.Tensor], int, int]:
+    """The same through A1111's Lora extension (UNet and text-encoder layers in one mapping)."""
+    layers, path_of = {}, {}
+    named = [(f"diffusion_model_{ldm}".replace(".", "_"), "unet", path) for path, ldm in ldm_by_path.items()]
+    named += [(f"transformer_{path}".replace(".", "_"), "text_encoder", path)
+              for path, module in text_encoder.named_modules() if isinstance(module, nn.Linear)]
+    models = {"unet": unet, "text_encoder": text_encoder}
+    for name, model_name, path in named:
+        layer = copy.deepcopy(models[model_name].get_submodule(path))
+        layer.network_layer_name = name
+        layers[name], path_of[name] = layer, f"{model_name}.{path}"
+    networks["shared"].sd_model = types.SimpleNamespace(network_layer_mapping=layers, is_sdxl=False)
+    net = networks["load_network"](file.stem, types.SimpleNamespace(filename=str(file)))
+    networks["loaded_networks"][:] = [net]
+    weights = {}
+    for name in net.modules:
+        networks["network_apply_weights"](layers[name])
+        weights[path_of[name]] = layers[name].weight.detach().float()
+    groups = {key.split(".", 1)[0] for key in load_file(str(file))}
+    return weights, len(net.modules), len(groups) - len(net.modules)
+
+
+def lora_errors(weights: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], bases: dict[str, torch.Tensor]
+                ) -> tuple[list[float], list[float]]:
+    to_weight, to_update = [], []
+    for path, target in expected.items():
+        error = (weights.get(path, bases[path]) - target).norm()
+        to_weight.append(float(error / target.norm()))
+        to_update.append(float(error / (target - bases[path]).norm()))
+    return to_weight, to_update
+
+
 # --- the check --------------------------------------------------------------------------------
 
 def errors(weights: dict[str, torch.Tensor], modules: dict[str, KronaWEDLinear]) -> tuple[list[float], list[float]]:
@@ -298,7 +405,10 @@ def main() -> None:
     parser.add_argument("--refs", type=Path, default=Path(os.environ.get("CONCEPTFLOW_INTEROP_REFS", "/work/refs")))
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--formats", default="lycoris,diff,lycoris-rows,kohya",
+                        help="comma-separated subset of lycoris, diff, lycoris-rows, kohya")
     args = parser.parse_args()
+    args.formats = set(args.formats.split(","))
     comfy_root, lora_dir = args.refs / "comfyui", args.refs / "a1111" / "extensions-builtin" / "Lora"
     if not (comfy_root / "comfy" / "lora.py").is_file() or not (lora_dir / "networks.py").is_file():
         print(f"skipped: the loaders' sources are not under {args.refs} (want {comfy_root}/comfy/lora.py and "
@@ -324,6 +434,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="interop-") as folder:
         modules = {axis: trained_modules(unet, axis, args.seed + i) for i, axis in enumerate(("rows", "columns"))}
         for name, axis in FORMATS:
+            if name not in args.formats:
+                continue
             file = write_format(name, modules[axis], Path(folder))
             size = file.stat().st_size / 1e6
             for loader, run in (("ComfyUI", lambda: comfy_weights(file, unet, comfy_lora, comfy_utils)),
@@ -334,6 +446,22 @@ def main() -> None:
                              max(to_weight), sorted(to_weight)[len(to_weight) // 2], max(to_update)))
                 if name in COMPATIBLE:
                     worst = max(worst, max(to_weight)) if mapped == len(paths) else float("inf")
+        if "kohya" in args.formats:
+            text_encoder = CLIPTextModel(CLIPTextConfig(**SD15_TEXT_CONFIG)).eval().requires_grad_(False)
+            tensors, meta = lora_concept(unet, text_encoder, args.seed + 2)
+            models = {"unet": unet, "text_encoder": text_encoder}
+            bases = {path: models[path.split(".", 1)[0]].get_submodule(path.split(".", 1)[1]).weight.detach().float()
+                     for path in edlora_deltas(tensors, meta)}
+            expected = {path: bases[path] + delta for path, delta in edlora_deltas(tensors, meta).items()}
+            file = write_kohya(tensors, meta, Path(folder))
+            size = file.stat().st_size / 1e6
+            for loader, run in (("ComfyUI", lambda: comfy_lora_weights(file, unet, text_encoder, comfy_lora, comfy_utils)),
+                                ("A1111", lambda: a1111_lora_weights(file, unet, text_encoder, networks, ldm_by_path))):
+                weights, mapped, unmatched = run()
+                to_weight, to_update = lora_errors(weights, expected, bases)
+                rows.append(("kohya (ED-LoRA)", f"{size:.1f} MB", loader, f"{mapped}/{len(expected)}", unmatched,
+                             max(to_weight), sorted(to_weight)[len(to_weight) // 2], max(to_update)))
+                worst = max(worst, max(to_weight)) if mapped == len(expected) else float("inf")
     header = ("format (axis)", "file", "loader", "keys mapped", "unmatched", "max rel err", "median", "max vs update")
     print(f"{header[0]:<22} {header[1]:>9} {header[2]:>8} {header[3]:>12} {header[4]:>9} {header[5]:>12} "
           f"{header[6]:>10} {header[7]:>14}")
