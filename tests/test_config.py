@@ -72,3 +72,55 @@ def test_base_model_folder_resolves_against_the_catalog(tmp_path):
         catalog = load_catalog(write(tmp_path, f"base_model: {base}\n" + GOOD))
         assert catalog.base_model_source == expected
         assert catalog.base_model == base  # lineage and cache keys keep what the user wrote
+
+
+@pytest.mark.parametrize("name", ["dog+cat", "My-Combo_2", "a", "9lives"])
+def test_combination_names_that_stay_accepted(tmp_path, name):
+    text = GOOD.replace("  dog+cat: {concepts", f"  {name}: {{concepts")
+    assert load_catalog(write(tmp_path, text)).combinations[0].name == name
+
+
+def test_problems_are_listed_together_and_name_the_item(tmp_path):
+    text = GOOD.replace('prompts: ["a <dog> and a <cat>"]}', 'prompts: ["a <dog>"], seeds: [-1, 2, 2]}')
+    text = text.replace("  dog+cat: {concepts: [dog, cat]", "  dog+cat: {concepts: [dog, dog]")
+    with pytest.raises(CatalogError) as error:
+        load_catalog(write(tmp_path, text))
+    message = str(error.value)
+    assert "2 problems" in message
+    assert "combinations.dog+cat.concepts: concepts ['dog'] are listed more than once" in message
+    assert "combinations.dog+cat.seeds: seed -1 is outside 0..4294967295" in message
+
+
+def test_duplicate_yaml_keys_are_refused_with_their_line(tmp_path):
+    path = write(tmp_path, GOOD + "combinations:\n  x: {concepts: [dog], prompts: [a]}\n")
+    with pytest.raises(CatalogError, match=r"line 7: the key 'combinations' is written twice .*first on line 5"):
+        load_catalog(path)
+
+
+def test_layout_keeps_every_output_in_its_stage_folder(tmp_path):
+    from types import SimpleNamespace
+
+    from conceptflow.layout import Layout
+
+    layout = Layout(SimpleNamespace(root=tmp_path))
+    assert layout.fused("dog+cat") == tmp_path / "data" / "fused" / "dog+cat"
+    for method in (layout.images, layout.masks, layout.adapter, layout.fused, layout.generated, layout.metrics,
+                   layout.checkpoints):
+        for name in ("../ESCAPED", "a/b", "..", ".", "", "/etc"):
+            with pytest.raises(CatalogError, match="name"):
+                method(name)
+    assert not list(tmp_path.iterdir())  # nothing was created
+
+
+def test_validate_catalog_lists_every_run_time_problem(tmp_path):
+    from conceptflow.validation import validate_catalog
+
+    (tmp_path / "photos" / "dog").mkdir(parents=True)
+    text = "base_model: ./nope\ndevice: gpu\nevaluate: {toy_evaluators: evals}\n" + GOOD
+    path = write(tmp_path, text)
+    with pytest.raises(CatalogError) as error:
+        validate_catalog(load_catalog(path), path)
+    message = str(error.value)
+    for field in ("base_model:", "device:", "evaluate.toy_evaluators:", "concepts.cat.images:"):
+        assert f"  - {field}" in message, message
+    assert message.startswith(f"{path}: 4 problems")

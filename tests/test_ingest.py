@@ -89,3 +89,61 @@ def test_bad_captions_name_the_file_and_keep_previous_output(tmp_path):
     with pytest.raises(DataError, match=r"z\.txt has no image of the same name"):
         ingest_concept(source, tmp_path / "out", 32, "mug")
     assert ingested_captions(ingested_images(tmp_path / "out")) == [None]
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A PNG header claiming width x height (1-bit), with no real image data behind it."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("size", [(30000, 30000), (12000, 12000)])
+def test_too_many_pixels_refused_before_decoding(tmp_path, monkeypatch, size):
+    from PIL import ImageFile
+
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "huge.png").write_bytes(png_claiming(*size))
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: pytest.fail("decoded"))
+    with pytest.raises(DataError, match=r"huge\.png has .* pixels, more than the limit of 64,000,000"):
+        ingest_concept(source, tmp_path / "out", 32)
+
+
+def test_small_images_refused_or_skipped(tmp_path):
+    from conceptflow.config import IngestConfig
+
+    source = tmp_path / "src"
+    source.mkdir()
+    photo(source / "a.png", size=(64, 64))
+    photo(source / "b.png", size=(40, 15))  # shorter side 15 < 0.5 x 32
+    with pytest.raises(DataError, match=r"b\.png is 40x15: its shorter side is below 16 px"):
+        ingest_concept(source, tmp_path / "out", 32)
+    assert not (tmp_path / "out").exists()
+    manifest = ingest_concept(source, tmp_path / "out", 32, settings=IngestConfig(small_images="skip"))
+    assert len(manifest["images"]) == 1 and manifest["skipped_small"][0]["size"] == [40, 15]
+
+
+def test_symlinks_outside_the_folder_refused_inside_read(tmp_path):
+    from conceptflow.config import IngestConfig
+
+    source = tmp_path / "src"
+    source.mkdir()
+    photo(source / "a.png", size=(64, 64))
+    (source / "alias.png").symlink_to("a.png")  # inside: read (and dropped as a duplicate)
+    assert len(ingest_concept(source, tmp_path / "out", 32)["dropped_duplicates"]) == 1
+    photo(tmp_path / "elsewhere.png", size=(64, 64), colour=(1, 2, 3))
+    (source / "b.png").symlink_to(tmp_path / "elsewhere.png")
+    with pytest.raises(DataError, match=r"b\.png is a symlink to .*elsewhere\.png, outside the concept folder"):
+        ingest_concept(source, tmp_path / "out", 32)
+    followed = ingest_concept(source, tmp_path / "out", 32, settings=IngestConfig(outside_symlinks="follow"))
+    assert len(followed["images"]) == 2
+    (source / "b.png").unlink()
+    (source / "c.png").symlink_to(tmp_path / "missing.png")
+    with pytest.raises(DataError, match=r"c\.png is a broken symlink"):
+        ingest_concept(source, tmp_path / "out", 32)
