@@ -351,6 +351,55 @@ def registry_download(name: str, destination: Path, alias: str = typer.Option("c
     typer.echo(str(path))
 
 
+@app.command("lineage")
+@user_errors
+def lineage(model: str = typer.Argument(..., help="concept.<name>@champion, concept.<name>/<version> or combo.<a>+<b>..."),
+            project: Optional[Path] = typer.Option(None, help="project folder whose registry to read (default: the "
+                                                   "git checkout around the current folder; MLFLOW_TRACKING_URI wins)")):
+    """Print a registered version's chain: dataset -> masks -> config -> code -> base -> adapter -> version."""
+    from conceptflow.provenance.chain import chain_of, format_chain
+    from conceptflow.registry import tracking_uri
+    from conceptflow.serving.base_model import git_toplevel
+    from conceptflow.serving.reference import parse_model_reference
+
+    root = (project or git_toplevel(Path.cwd()) or Path.cwd()).resolve()
+    typer.echo(format_chain(chain_of(tracking_uri(root), parse_model_reference(model))))
+
+
+@app.command("reproduce")
+@user_errors
+def reproduce(model: str = typer.Argument(..., help="concept.<name>/<version> (or @alias)"),
+              out: Path = typer.Option(..., "--out", "-o", help="fresh folder for the rebuilt one-concept project"),
+              project: Optional[Path] = typer.Option(None, help="checkout of the project (base model folder, git "
+                                                     "revision); default: the git checkout around the current folder"),
+              dvc_remote: Optional[Path] = typer.Option(None, envvar="CONCEPTFLOW_DVC_REMOTE",
+                                                        help="DVC remote folder (default: the project's default remote)"),
+              verify_base: bool = typer.Option(True, help="refuse a base model whose content hash differs")):
+    """Retrain a registered concept from its recorded config and DVC data; compare the adapter bit for bit."""
+    from conceptflow.provenance.rebuild import reproduce as run
+    from conceptflow.registry import tracking_uri
+    from conceptflow.serving import dvc_remote as remotes
+    from conceptflow.serving.base_model import git_toplevel
+
+    root = (project or git_toplevel(Path.cwd()) or Path.cwd()).resolve()
+    remote = dvc_remote or remotes.project_remote(root)
+    if remote is None:
+        raise ConceptflowError(f"{root} has no local default DVC remote: pass --dvc-remote PATH")
+    result = run(tracking_uri(root), model, out, remote, project=root, verify_base=verify_base)
+    typer.echo(f"{result.name}/{result.version} rebuilt in {result.folder}")
+    typer.echo(f"  config hash  recorded {result.config_hash_recorded}  rebuilt {result.config_hash_rebuilt}")
+    typer.echo(f"  code         recorded {result.revision_recorded}  running {result.revision_running}")
+    typer.echo(f"  adapter md5  recorded {result.recorded_md5}  rebuilt {result.rebuilt_md5}")
+    for path in result.differing_files:
+        typer.echo(f"  differs: {path}")
+    if not result.identical:
+        for key, how in result.differing_tensors:
+            typer.echo(f"  tensor {key}: {how}")
+        typer.secho("MISMATCH: the rebuilt adapter differs from the registered one", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1)
+    typer.echo("bit-identical: the rebuilt adapter.safetensors is the registered one")
+
+
 def main() -> None:  # pragma: no cover - console entry point
     sys.exit(app())
 

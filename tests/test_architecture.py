@@ -47,6 +47,7 @@ LAYERS = (
     {"registry", "report"},
     {"serving"},
     {"stages"},
+    {"provenance"},
     {"cli"},
 )
 LEVEL = {unit: level for level, units in enumerate(LAYERS) for unit in units}

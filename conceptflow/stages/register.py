@@ -43,6 +43,19 @@ def _lineage_of(layout: Layout, locked: dict, folders: dict[str, Path]) -> dict[
     return lineage
 
 
+def _config_tag(catalog: Catalog, stage_name: str, item: str) -> str:
+    """The stage's resolved config slice as JSON ({catalog key: value}; the base model's file
+    fingerprint under ``base_model_fingerprint``): what its config hash covers, readable back
+    (``conceptflow lineage``, ``conceptflow reproduce``)."""
+    from pydantic import BaseModel
+
+    from conceptflow.stages.table import stage
+
+    return json.dumps({part.key or "base_model_fingerprint":
+                       part.value.model_dump(mode="json", exclude={"root"}) if isinstance(part.value, BaseModel)
+                       else part.value for part in stage(stage_name).config_slice(catalog, item)}, sort_keys=True)
+
+
 def _concept_scores(layout: Layout, catalog: Catalog) -> dict[str, float]:
     """A concept's score: its mean DINO identity over the combinations it appears in."""
     collected: dict[str, list[float]] = {}
@@ -93,7 +106,8 @@ def _register_all(catalog: Catalog) -> list[str]:
         name = concept.name
         folders = {"images": layout.images(name), "masks": layout.masks(name), "adapter": layout.adapter(name)}
         lineage = {**common, **_lineage_of(layout, locked, folders), "method": concept.train.method,
-                   "config_hash": require_manifest(folders["adapter"], "adapter", STAGE_OF["adapter"]).config_hash}
+                   "config_hash": require_manifest(folders["adapter"], "adapter", STAGE_OF["adapter"]).config_hash,
+                   "config.train": _config_tag(catalog, "train", name)}
         for label in ("images", "masks"):
             log_stage_run(uri, catalog.project, folders[label],
                           {**lineage, "artifact.md5": lineage[f"dvc.{label}.md5"]}, log_artifacts=True)
@@ -110,6 +124,7 @@ def _register_all(catalog: Catalog) -> list[str]:
         folders = {"fused": layout.fused(name), "generated": layout.generated(name), "metrics": layout.metrics(name)}
         lineage = {**common, **_lineage_of(layout, locked, folders),
                    "config_hash": require_manifest(folders["fused"], "fused", STAGE_OF["fused"]).config_hash,
+                   "config.fuse": _config_tag(catalog, "fuse", name),
                    **{f"concept.{c}.version": concept_versions[c] for c in combination.concepts},
                    **{f"concept.{c}.dvc.adapter.md5": locked.get(_relative(layout, layout.adapter(c)), "")
                       for c in combination.concepts}}
