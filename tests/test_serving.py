@@ -417,3 +417,38 @@ def test_sample_cli_reports_a_missing_version(registered, tmp_path, monkeypatch)
                                       "--out", str(tmp_path / "x")])
     assert result.exit_code == 2 and "has no version 9" in result.output
     assert not (tmp_path / "x").exists()
+
+
+def test_a_concept_that_cannot_merge_is_applied_at_run_time(registered, tmp_path, monkeypatch, one_torch_thread):
+    """A concept with a run-time channel samples through adapters.branched.runtime_concepts: with a
+    zero text residual it draws what the merged concept draws, and the base weights stay as loaded."""
+    import torch
+
+    from conceptflow import registry
+    from conceptflow.adapters.effects import TextResidual
+    from conceptflow.methods import read_concept
+    from conceptflow.serving import generation
+    from conceptflow.serving.generation import ServedModel, sample_requests
+
+    folder = registry.download(registered["uri"], f"concept.{FIRST}", "champion", tmp_path / "concept")
+    spec = _spec(kind="concept", name=FIRST, concepts=[FIRST])
+    requests, settings = sample_requests([f"a <{FIRST}>"], [0]), spec.settings(steps=2)
+    merged = ServedModel(folder, spec, "embedded:tiny-sd")
+    assert merged.runtime == []
+
+    def with_residual(path, pipeline):
+        effects = read_concept(path, pipeline)
+        effects.text_residuals.append(TextResidual(next(iter(effects.embeddings)), torch.zeros(32)))
+        return effects
+
+    monkeypatch.setattr(generation, "read_concept", with_residual)
+    runtime = ServedModel(folder, spec, "embedded:tiny-sd")
+    assert len(runtime.runtime) == 1
+    before = {name: p.detach().clone() for name, p in runtime.core.pipeline.unet.named_parameters()}
+    image_runtime = np.asarray(runtime.sample(requests, settings).images[0]).astype(int)
+    image_merged = np.asarray(merged.sample(requests, settings).images[0]).astype(int)
+    assert np.abs(image_runtime - image_merged).max() <= 2  # hooks vs merged weights: float rounding only
+    after = dict(runtime.core.pipeline.unet.named_parameters())
+    assert all(torch.equal(before[name], after[name]) for name in before)
+    merged_weights = dict(merged.core.pipeline.unet.named_parameters())  # the merged model's do carry ΔW
+    assert any(not torch.equal(before[name], merged_weights[name]) for name in before)
