@@ -132,6 +132,9 @@ def list_concept_files(images_dir: Path, outside_symlinks: str = "refuse") -> li
         if path.is_symlink():
             _checked_symlink(path, folder, outside_symlinks)
         if path.is_file():
+            if not os.access(path, os.R_OK):
+                raise DataError(f"{path} cannot be read (permission denied): make it readable (chmod a+r) or remove "
+                                "it, then run ingest again.")
             files.append(path)
     if not files:
         raise DataError(f"{images_dir} holds no images: add 3-5 photos of the concept")
