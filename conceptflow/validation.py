@@ -3,8 +3,8 @@
 ``load_catalog`` checks what the YAML alone decides (names, seeds, references, duplicate keys).
 ``validate_catalog`` checks the rest, so that a run fails in one message before ingest starts
 instead of inside a task after ingest and masking ran. ``conceptflow validate``, ``conceptflow
-run`` (and the catalog flow itself) and ``schedule`` call it, as does every stage command except
-``ingest`` (which needs none of it). Every problem is one line naming the catalog field, what is
+run`` (and the catalog flow itself) and ``schedule`` call it, as do the stage commands ``mask``,
+``train``, ``fuse``, ``generate`` and ``evaluate`` (``ingest`` needs none of it and loads only). Every problem is one line naming the catalog field, what is
 wrong and the fix; all of them are raised together as one ``CatalogError``.
 
 What is checked:
@@ -68,6 +68,11 @@ def _is_local_path(catalog: Catalog, value: str) -> bool:
             or (catalog.root / value).exists())
 
 
+def _local_folder(catalog: Catalog, value: str) -> Path:
+    """Where a local model path points: ``~`` expanded, relative paths from the catalog's folder."""
+    return Path(value).expanduser() if value.startswith("~") else catalog.root / value
+
+
 def model_id_problems(catalog: Catalog, field: str, value: str, marker: str, kind: str) -> list[str]:
     from conceptflow.models.embedded import EMBEDDED_BUILDERS, EMBEDDED_PREFIX
 
@@ -77,7 +82,7 @@ def model_id_problems(catalog: Catalog, field: str, value: str, marker: str, kin
             return [f"{field}: {value!r} is not an embedded model; known: {known}"]
         return []
     if _is_local_path(catalog, value):
-        folder = (catalog.root / value).expanduser()
+        folder = _local_folder(catalog, value)
         if not folder.exists():
             return [f"{field}: the folder {value!r} ({folder}) does not exist: fix the path (relative to the catalog) "
                     "or give a hub id (org/name) or embedded:tiny-sd"]
@@ -157,7 +162,7 @@ def _load_tokenizer(catalog: Catalog):
             with tempfile.TemporaryDirectory() as folder:
                 return build_clip_tokenizer(Path(folder))
         if _is_local_path(catalog, value):
-            return CLIPTokenizer.from_pretrained((catalog.root / value).expanduser() / "tokenizer")
+            return CLIPTokenizer.from_pretrained(_local_folder(catalog, value) / "tokenizer")
         return CLIPTokenizer.from_pretrained(value, subfolder="tokenizer", local_files_only=True)
     except (OSError, ValueError, ConceptflowError):
         return None
@@ -186,7 +191,8 @@ def prompt_problems(catalog: Catalog, tokenizer=None) -> list[str]:
                 if tokens <= limit:
                     continue
                 words = prompt.split()
-                kept = next(i for i in range(len(words)) if count(rewrite(" ".join(words[: i + 1]))) > limit)
+                kept = next((i for i in range(len(words)) if count(rewrite(" ".join(words[: i + 1]))) > limit),
+                            len(words) - 1)
                 problems.append(
                     f"combinations.{combination.name}.prompts.{index}: {prompt[:60]!r}{'...' if len(prompt) > 60 else ''}"
                     f" is {tokens} tokens ({form}); the text encoder takes {limit} ({limit + 2} with start and end) "
