@@ -170,3 +170,159 @@ def test_a_second_command_on_a_locked_project_refuses_or_waits_and_runs_once_the
             if process is not None and process.poll() is None:
                 process.kill()
                 process.wait()
+
+
+# ---------------------------------------------------------------- MLflow server down; idempotent registration
+
+
+def _fake_adapter(root: Path, payload: bytes) -> Path:
+    """A trained-concept folder as the train stage writes it (stage.json + the artifact)."""
+    import json
+    import uuid
+
+    folder = root / f"adapter-{uuid.uuid4().hex[:6]}"
+    folder.mkdir(parents=True)
+    (folder / "adapter.safetensors").write_bytes(payload)
+    (folder / "stage.json").write_text(json.dumps({"stage": "train", "name": "dog", "config_hash": "cfg",
+                                                   "params": {"rank": 4}, "metrics": {"loss": 0.5}, "history": []}))
+    return folder
+
+
+@pytest.fixture
+def postgres_database():
+    """A fresh PostgreSQL database of this test's own (trust auth), dropped afterwards."""
+    import uuid
+
+    psycopg2 = pytest.importorskip("psycopg2")
+    try:
+        admin = psycopg2.connect(host="127.0.0.1", port=5432, user="postgres", dbname="test", connect_timeout=3)
+    except psycopg2.OperationalError as error:
+        pytest.skip(f"PostgreSQL at 127.0.0.1:5432 is not reachable: {error}")
+    admin.autocommit = True
+    name = f"conceptflow_faults_{uuid.uuid4().hex[:8]}"
+    with admin.cursor() as cursor:
+        cursor.execute(f"CREATE DATABASE {name}")
+    try:
+        yield f"postgresql://postgres@127.0.0.1:5432/{name}"
+    finally:
+        with admin.cursor() as cursor:
+            cursor.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        admin.close()
+
+
+def test_server_down_at_register_time_fails_boundedly_naming_the_uri_and_a_rerun_registers_once(
+        tmp_path, postgres_database, monkeypatch):
+    from conceptflow import registry
+    from conceptflow.errors import RegistryError
+    from conceptflow.services import free_port
+    from flows.server import mlflow_server
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")  # what the CLI sets (conceptflow.tool_env)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    lineage = {"dvc.images.md5": "1" * 32 + ".dir", "config_hash": "cfg", "git_revision": "abc",
+               "base_model": "embedded:tiny-sd"}
+    name, experiment = "concept.dog", "faults"
+
+    def register(uri: str, folder: Path, score: float, **retries) -> tuple[str, bool]:
+        def attempt():
+            tags = {**lineage, registry.ARTIFACT_MD5: __import__("conceptflow.fileio").fileio.content_md5(folder)}
+            run_id = registry.log_stage_run(uri, experiment, folder, tags)
+            return registry.register_version(uri, name, run_id, tags, score)
+        return registry.with_server_retries(uri, attempt, **retries)
+
+    port, artifacts = free_port(), tmp_path / "artifacts"
+    first = _fake_adapter(tmp_path, b"weights-1")
+    with mlflow_server(postgres_database, artifacts, port=port) as (_, uri):
+        assert register(uri, first, 0.5) == ("1", True)
+
+    # the server is down: a few quick tries, then one error naming the URI and what to do
+    started = time.monotonic()
+    with pytest.raises(RegistryError) as raised:
+        register(uri, first, 0.5, tries=3, backoff_s=1.0)
+    elapsed = time.monotonic() - started
+    message = str(raised.value)
+    assert uri in message and "unreachable (3 tries" in message and "run again" in message
+    assert 3.0 <= elapsed <= 30.0, elapsed  # waited 1 s + 2 s between the tries, bounded
+    with pytest.raises(ValueError):  # any other error is not retried
+        registry.with_server_retries(uri, lambda: (_ for _ in ()).throw(ValueError("bug")), tries=3, backoff_s=60)
+
+    # back up: the rerun and a retrain giving the same bytes find version 1; a new content is v2
+    with mlflow_server(postgres_database, artifacts, port=port) as (_, uri_again):
+        assert uri_again == uri
+        assert register(uri, first, 0.5) == ("1", False)
+        retrained = _fake_adapter(tmp_path, b"weights-1")  # another folder, identical bytes
+        assert register(uri, retrained, 0.5) == ("1", False)
+        client = registry._client(uri)
+        assert [v.version for v in client.search_model_versions(f"name = '{name}'")] == ["1"]
+
+        # a registration killed after creating its version, before moving champion: the rerun
+        # finds the version (no second one) and moves the alias as the first try would have
+        better = _fake_adapter(tmp_path, b"weights-2")
+        md5 = __import__("conceptflow.fileio").fileio.content_md5(better)
+        run_id = registry.log_stage_run(uri, experiment, better, {**lineage, registry.ARTIFACT_MD5: md5})
+        client.create_model_version(name, source=f"runs:/{run_id}/output", run_id=run_id,
+                                    tags={**lineage, registry.ARTIFACT_MD5: md5, registry.SCORE: "0.9",
+                                          registry.SCORE_HIGHER_IS_BETTER: "true"})
+        assert registry.lookup(uri, name)["version"] == "1"
+        assert register(uri, better, 0.9) == ("2", True)
+        assert register(uri, better, 0.9) == ("2", False)
+        assert registry.lookup(uri, name)["version"] == "2"
+        assert sorted(v.version for v in client.search_model_versions(f"name = '{name}'")) == ["1", "2"]
+
+
+# ---------------------------------------------------------------- same content, same bytes
+
+TRAIN_IN_PROCESS = """
+import json, sys
+from pathlib import Path
+from conceptflow.config import load_catalog
+from conceptflow.fileio import file_md5
+from conceptflow.layout import Layout
+from conceptflow.stages.ingest import ingest
+from conceptflow.stages.mask import mask
+from conceptflow.stages.train import train
+catalog = load_catalog(Path(sys.argv[1]))
+md5s = {}
+for concept in catalog.concepts:
+    ingest(catalog, concept.name)
+    mask(catalog, concept.name)
+    train(catalog, concept.name, force=True)
+    md5s[concept.name] = file_md5(Layout(catalog).adapter(concept.name) / "adapter.safetensors")
+print(json.dumps(md5s))
+"""
+
+
+def test_one_concept_trained_in_two_processes_cold_and_warm_cache_gives_the_same_adapter_bytes(tmp_path):
+    """ED-LoRA and ConceptFlow-S (which builds embedded:tiny-clip) trained in a process whose
+    embedded cache is empty, then again (--force) in another process with that cache warm."""
+    import json
+
+    import yaml
+
+    project = _tiny_project(tmp_path / "project")
+    catalog = yaml.safe_load((project / "catalog.yaml").read_text())
+    catalog["concepts"]["quartered_heart"] = {"class_word": "heart", "images": "photos/quartered_heart",
+                                              "train": {"method": "conceptflow_s", "steps": 2}}
+    photos = project / "photos" / "quartered_heart"
+    photos.mkdir(parents=True)
+    for stem in ("00", "01"):
+        for suffix in (".png", ".txt"):
+            __import__("shutil").copy(ROOT / "assets" / "toy-concepts" / "quartered_heart" / f"{stem}{suffix}", photos)
+    (project / "catalog.yaml").write_text(yaml.safe_dump(catalog, sort_keys=False))
+    cache = tmp_path / "cold-cache"
+    cache.mkdir()
+    env = _env(CONCEPTFLOW_CACHE=str(cache), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+
+    cold = subprocess.run([sys.executable, "-c", TRAIN_IN_PROCESS, str(project / "catalog.yaml")], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert cold.returncode == 0, cold.stderr[-4000:]
+    cold_md5s = json.loads(cold.stdout.strip().splitlines()[-1])
+    assert any(cache.iterdir())  # the cache was built in that process
+    warm = subprocess.run([*CLI, "train", "--force"], cwd=project, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert warm.returncode == 0, warm.stderr[-4000:]
+    from conceptflow.fileio import file_md5
+
+    warm_md5s = {name: file_md5(project / "data" / "adapters" / name / "adapter.safetensors") for name in cold_md5s}
+    assert set(cold_md5s) == {"zigzag_star", "quartered_heart"}
+    assert warm_md5s == cold_md5s
