@@ -21,7 +21,8 @@ What is checked:
   there), each ``<name>`` counted as the 2 tokens ED-LoRA writes it as, and also with each
   ``<name>`` replaced by its class word (the base-model and CLIP-T form): a prompt past the
   text encoder's length (77 with start and end tokens) is refused, naming the count and the
-  word where it would be cut.
+  word where it would be cut. Training captions beside the photos (``*.txt``) are counted the
+  same way (concept-token form).
 - ``evaluate.toy_evaluators``: the folder, with its ``recogniser/`` and ``identity/``.
 - each concept's ``images`` folder exists; every stage output path lands in ``data/`` (``Layout``).
 """
@@ -169,33 +170,50 @@ def _load_tokenizer(catalog: Catalog):
 
 
 def prompt_problems(catalog: Catalog, tokenizer=None) -> list[str]:
+    """Prompts and training captions longer than the text encoder takes (``tokenizer``: the base's)."""
     tokenizer = tokenizer or _load_tokenizer(catalog)
     if tokenizer is None:
         return []
     limit = tokenizer.model_max_length - 2  # start and end tokens
     class_words = {concept.name: concept.class_word for concept in catalog.concepts}
+    concept_tokens = f"each <name> as its {TOKENS_PER_CONCEPT} concept tokens"
     forms: dict[str, Callable[[str], str]] = {
-        f"each <name> as its {TOKENS_PER_CONCEPT} concept tokens":
-            lambda text: CONCEPT_REFERENCE.sub(" " + " ".join(["x"] * TOKENS_PER_CONCEPT) + " ", text),
-        "each <name> as its class word": lambda text: CONCEPT_REFERENCE.sub(lambda m: class_words[m.group(1)], text),
+        concept_tokens: lambda text: CONCEPT_REFERENCE.sub(" " + " ".join(["x"] * TOKENS_PER_CONCEPT) + " ", text),
+        "each <name> as its class word": lambda text: CONCEPT_REFERENCE.sub(
+            lambda m: class_words.get(m.group(1), m.group(1)), text),
     }
 
     def count(text: str) -> int:
         return len(tokenizer(text, add_special_tokens=False, truncation=False, verbose=False)["input_ids"])
 
+    def too_long(where: str, text: str, form_names: tuple[str, ...], fix: str) -> list[str]:
+        for form in form_names:
+            rewrite = forms[form]
+            tokens = count(rewrite(text))
+            if tokens <= limit:
+                continue
+            words = text.split()
+            kept = next((i for i in range(len(words)) if count(rewrite(" ".join(words[: i + 1]))) > limit),
+                        len(words) - 1)
+            return [f"{where}: {text[:60]!r}{'...' if len(text) > 60 else ''} is {tokens} tokens ({form}); the text "
+                    f"encoder takes {limit} ({limit + 2} with start and end) and would cut it before {words[kept]!r} "
+                    f"(word {kept + 1}): {fix}"]
+        return []
+
     problems = []
     for combination in catalog.combinations:
         for index, prompt in enumerate(combination.prompts):
-            for form, rewrite in forms.items():
-                tokens = count(rewrite(prompt))
-                if tokens <= limit:
-                    continue
-                words = prompt.split()
-                kept = next((i for i in range(len(words)) if count(rewrite(" ".join(words[: i + 1]))) > limit),
-                            len(words) - 1)
-                problems.append(
-                    f"combinations.{combination.name}.prompts.{index}: {prompt[:60]!r}{'...' if len(prompt) > 60 else ''}"
-                    f" is {tokens} tokens ({form}); the text encoder takes {limit} ({limit + 2} with start and end) "
-                    f"and would cut it before {words[kept]!r} (word {kept + 1}): shorten the prompt")
-                break
+            problems += too_long(f"combinations.{combination.name}.prompts.{index}", prompt, tuple(forms),
+                                 "shorten the prompt")
+    for concept in catalog.concepts:  # training captions beside the photos (conceptflow.data.ingest)
+        folder = catalog.images_dir(concept)
+        for caption in sorted(folder.glob("*")) if folder.is_dir() else ():
+            if caption.suffix.lower() != ".txt" or not caption.is_file():
+                continue
+            try:
+                text = " ".join(caption.read_text(encoding="utf-8").split())
+            except (OSError, UnicodeError):
+                continue  # ingest names it
+            problems += too_long(f"concepts.{concept.name}.images: caption {caption}", text, (concept_tokens,),
+                                 "shorten the caption")
     return problems

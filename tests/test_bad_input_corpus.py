@@ -238,6 +238,13 @@ def test_bad_catalog_is_refused_cleanly(tmp_path, monkeypatch, kind, catalog, co
     assert not escaped, f"created outside data/: {escaped}"
 
 
+def test_caption_too_long_for_the_text_encoder(tmp_path):
+    path = make_project(tmp_path)
+    (tmp_path / "photos" / "dog" / "0.txt").write_text("a <dog> " + " ".join(["red"] * 75))
+    result = runner.invoke(app, ["validate", "--catalog", str(path)])
+    assert_clean_refusal(result, str(path), "concepts.dog.images: caption", "0.txt", "78 tokens", "shorten the caption")
+
+
 def test_missing_catalog_file(tmp_path):
     result = runner.invoke(app, ["validate", "--catalog", str(tmp_path / "nope.yaml")])
     assert_clean_refusal(result, "nope.yaml", "not found", "--catalog")
@@ -416,7 +423,7 @@ def test_every_image_small_with_skip_is_refused(tmp_path):
 
 
 def test_corpus_has_at_least_60_kinds():
-    kinds = len(CATALOG_CASES) + len(FILE_CASES) + 4 + 1 + 1  # + folders, skip-all, missing catalog
+    kinds = len(CATALOG_CASES) + len(FILE_CASES) + 4 + 1 + 1 + 1  # + folders, skip-all, caption, no catalog
     assert kinds >= 60, kinds
 
 
