@@ -35,6 +35,11 @@ CONCEPTS = ("zigzag_star", "quartered_heart")
 PAIR = "+".join(CONCEPTS)
 METHODS = ("edlora", "conceptflow_s")
 PAPER_SECONDS_PER_IMAGE = 9.3  # ConceptFlow, 512x512 on an A100
+RESOLUTION = 512
+
+
+def cuda_available() -> bool:
+    return torch.cuda.is_available()
 
 
 def write_catalogs(folder: Path, args) -> tuple[Path, Path]:
@@ -56,7 +61,7 @@ def write_catalogs(folder: Path, args) -> tuple[Path, Path]:
         catalog["concepts"][name]["train"] = train
     combination = catalog["combinations"][PAIR]
     combination["prompts"] = combination["prompts"][1:]  # "a <a> on the left and a <b> on the right, ..."
-    catalog.update(device=args.device, dtype="float32", resolution=512, mask={"backend": "saliency"},
+    catalog.update(device=args.device, dtype="float32", resolution=RESOLUTION, mask={"backend": "saliency"},
                    fuse={"method": "gradient", "solver": "closed_form"},
                    generate={"sampler": "conceptflow_m", "steps": args.sample_steps, "batch_size": args.batch_size,
                              "guidance_scale": 7.5})
@@ -114,7 +119,7 @@ def main() -> int:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--workdir", type=Path, default=None, help="keep the outputs here (default: a temp folder)")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
+    if not cuda_available():
         print(f"GPU check: no CUDA device on this machine (torch {torch.__version__}, CUDA build "
               f"{torch.version.cuda}); nothing run. On a CUDA machine this trains ED-LoRA and ConceptFlow-S for "
               f"{args.steps} steps at 512 px ({args.mixed_precision}), fuses them and samples {args.images} images "
@@ -130,7 +135,7 @@ def main() -> int:
     from conceptflow.sample.conceptflow_m import pipeline as conceptflow_m
 
     print(f"GPU check on {torch.cuda.get_device_name(args.device)} (torch {torch.__version__}, CUDA "
-          f"{torch.version.cuda}), base {BASE}, 512 px")
+          f"{torch.version.cuda}), base {BASE}, {RESOLUTION} px")
     if "mixed_precision" not in ConceptTrainConfig.model_fields:
         print("note: this checkout's training config has no mixed_precision: training runs in float32")
     started = time.perf_counter()
