@@ -202,6 +202,8 @@ def register(catalog: Path = CatalogOption):
 def run(catalog: Path = CatalogOption,
         sampler: Optional[str] = typer.Option(None, help="override the catalog's sampler"),
         runner: str = typer.Option("threads", help="threads | dask (Dask wants a Prefect server: PREFECT_API_URL)"),
+        dask_address: Optional[str] = typer.Option(None, help="with --runner dask: an existing cluster's scheduler, "
+                                                   "tcp://HOST:PORT (default: a LocalCluster here)"),
         wait: bool = typer.Option(True, "--wait/--no-wait", help="wait for a run or stage command already working "
                                   "on this project (its lock: .conceptflow/run.lock), or refuse at once"),
         wait_timeout: Optional[float] = typer.Option(None, envvar="CONCEPTFLOW_LOCK_TIMEOUT",
@@ -215,7 +217,7 @@ def run(catalog: Path = CatalogOption,
         remove_dead_staging_in_project(loaded.root)  # killed runs' staging folders
         from flows.catalog import run_catalog  # Prefect lives in flows/, imported only here
 
-        summary = run_catalog(str(catalog.resolve()), sampler=sampler, runner=runner)
+        summary = run_catalog(str(catalog.resolve()), sampler=sampler, runner=runner, dask_address=dask_address)
     typer.echo(json.dumps(summary, indent=2))
 
 

@@ -65,7 +65,11 @@ def _summary(result) -> dict:
 
 
 def run_stage_item(catalog_path: str, stage_name: str, item: str, options: dict | None = None) -> dict:
-    """Run one stage for one item (skipped when up to date); returns its manifest summary."""
+    """Run one stage for one item (skipped when up to date); returns its manifest summary. On a
+    Dask worker torch first gets the worker's share of the cores (``tasks.threads``)."""
+    from tasks.threads import torch_threads_for_worker
+
+    torch_threads_for_worker()
     return _summary(stage(stage_name).call(catalog_at(catalog_path), item, **(options or {})))
 
 
