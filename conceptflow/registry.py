@@ -98,7 +98,34 @@ def _client(store: str | MlflowClient) -> MlflowClient:
     if isinstance(store, MlflowClient):
         return store
     uri = normalise_database_uri(store)
+    if uri.startswith("sqlite:///"):
+        _create_sqlite_store(Path(uri[len("sqlite:///"):]))
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def _create_sqlite_store(database: Path) -> None:
+    """Create a missing SQLite store whole or not at all: MLflow builds its tables (tens of
+    statements) on first use, and a process killed in between left a file that every later
+    run failed on. The tables are built in a temporary file beside it and linked into place
+    (a concurrent creator's finished file wins)."""
+    if database.exists():
+        return
+    database.parent.mkdir(parents=True, exist_ok=True)
+    handle, name = tempfile.mkstemp(prefix=f".{database.name}.", suffix=".db", dir=database.parent)
+    os.close(handle)
+    temporary = Path(name)
+    try:
+        temporary.unlink()  # sqlite creates it
+        uri = f"sqlite:///{temporary}"
+        client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+        client.search_experiments(max_results=1)  # builds the tracking tables
+        client.search_registered_models(max_results=1)  # and the registry's
+        try:
+            os.link(temporary, database)
+        except FileExistsError:
+            pass
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 def _artifact_root(client: MlflowClient) -> str | None:

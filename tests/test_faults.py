@@ -326,3 +326,28 @@ def test_one_concept_trained_in_two_processes_cold_and_warm_cache_gives_the_same
     warm_md5s = {name: file_md5(project / "data" / "adapters" / name / "adapter.safetensors") for name in cold_md5s}
     assert set(cold_md5s) == {"zigzag_star", "quartered_heart"}
     assert warm_md5s == cold_md5s
+
+
+def test_a_new_sqlite_store_appears_whole_or_not_at_all(tmp_path, monkeypatch):
+    """A run killed while MLflow built a new SQLite store's tables left a half-built mlruns.db
+    that every later run failed on (found by the kill trials): the tables are built aside."""
+    from mlflow import MlflowClient
+
+    from conceptflow import registry
+
+    database = tmp_path / "mlruns.db"
+
+    def killed(*args, **kwargs):
+        assert not database.exists()  # nothing at the store's path while its tables are built
+        raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(MlflowClient, "search_registered_models", killed)
+    with pytest.raises(KeyboardInterrupt):
+        registry._client(f"sqlite:///{database}")
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+    client = registry._client(f"sqlite:///{database}")
+    assert database.is_file() and [p.name for p in tmp_path.iterdir()] == ["mlruns.db"]
+    assert registry.experiment_id(client, "e") == client.get_experiment_by_name("e").experiment_id
+    client.create_registered_model("concept.dog")
+    assert [m.name for m in client.search_registered_models()] == ["concept.dog"]
