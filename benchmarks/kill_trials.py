@@ -108,7 +108,7 @@ def _working(project: Path) -> set[str]:
             seen.add(name)
     if (project / ".dvc" / "tmp" / "lock").exists() or (project / "dvc.lock").exists():
         seen.add("record")
-    if (project / "mlruns.db").exists():
+    if (project / "mlruns.db").exists() or any(True for _ in project.glob(".mlruns.db.*")):
         seen.add("register")
     return seen
 

@@ -71,11 +71,14 @@ def run_stage(stage: str, name: str, folder: Path, config_hash: str, upstream: d
 def remove_dead_staging_in_project(root: Path) -> list[Path]:
     """Remove every killed build's leftovers under the project's ``data/`` and ``.cache/``:
     staging folders whose owner mark nobody holds, and unmarked ones and ``atomic_path``
-    temporaries of any age. Call it only holding the project's run lock
+    temporaries of any age (and a half-built new MLflow store). Call it only holding the project's run lock
     (``conceptflow.locks.run_lock``): then no other conceptflow process writes there."""
     removed = []
     for top in ("data", ".cache"):
         removed += remove_dead_staging_under(Path(root) / top, unmarked_older_than_s=0.0)
+    for temporary in Path(root).glob(".mlruns.db.*.db"):  # a new SQLite store's tables, being built
+        temporary.unlink(missing_ok=True)
+        removed.append(temporary)
     return removed
 
 
