@@ -270,26 +270,35 @@ def _defined_names(node: ast.stmt) -> set[str]:
     return set()
 
 
-def a1111_weights(file: Path, unet: nn.Module, networks: dict, ldm_by_path: dict[str, str]
-                  ) -> tuple[dict[str, torch.Tensor], int, int]:
-    """({diffusers path: W}, keys mapped, layer groups not matched) through A1111's Lora extension."""
-    layers, path_of = {}, {}
-    for path, ldm in ldm_by_path.items():
-        original = unet.get_submodule(path)
-        layer = copy.deepcopy(original)
-        name = f"diffusion_model_{ldm}".replace(".", "_")
-        layer.network_layer_name = name
-        layers[name], path_of[name] = layer, path
-    networks["shared"].sd_model = types.SimpleNamespace(network_layer_mapping=layers)
-    on_disk = types.SimpleNamespace(filename=str(file))
-    net = networks["load_network"](file.stem, on_disk)
+def a1111_apply(file: Path, layers: dict[str, nn.Module], networks: dict) -> tuple[dict[str, torch.Tensor], int, int]:
+    """({A1111 layer name: W}, keys mapped, layer groups not matched): A1111's Lora extension loads
+    ``file`` against the ``network_layer_mapping`` ``layers`` (copies of our linears) and applies it."""
+    networks["shared"].sd_model = types.SimpleNamespace(network_layer_mapping=layers, is_sdxl=False)
+    net = networks["load_network"](file.stem, types.SimpleNamespace(filename=str(file)))
     networks["loaded_networks"][:] = [net]
     weights = {}
     for name in net.modules:
         networks["network_apply_weights"](layers[name])
-        weights[path_of[name]] = layers[name].weight.detach().float()
+        weights[name] = layers[name].weight.detach().float()
     groups = {key.split(".", 1)[0] for key in load_file(str(file))}
     return weights, len(net.modules), len(groups) - len(net.modules)
+
+
+def named_copies(named: list[tuple[str, nn.Module]]) -> dict[str, nn.Module]:
+    layers = {}
+    for name, original in named:
+        layers[name] = copy.deepcopy(original)
+        layers[name].network_layer_name = name
+    return layers
+
+
+def a1111_weights(file: Path, unet: nn.Module, networks: dict, ldm_by_path: dict[str, str]
+                  ) -> tuple[dict[str, torch.Tensor], int, int]:
+    """({diffusers path: W}, keys mapped, layer groups not matched) through A1111's Lora extension."""
+    path_of = {f"diffusion_model_{ldm}".replace(".", "_"): path for path, ldm in ldm_by_path.items()}
+    layers = named_copies([(name, unet.get_submodule(path)) for name, path in path_of.items()])
+    weights, mapped, unmatched = a1111_apply(file, layers, networks)
+    return {path_of[name]: weight for name, weight in weights.items()}, mapped, unmatched
 
 
 # --- ED-LoRA as kohya ---------------------------------------------------------------------------
@@ -355,24 +364,14 @@ def comfy_lora_weights(file: Path, unet: nn.Module, text_encoder: nn.Module, com
 def a1111_lora_weights(file: Path, unet: nn.Module, text_encoder: nn.Module, networks: dict,
                        ldm_by_path: dict[str, str]) -> tuple[dict[str, torch.Tensor], int, int]:
     """The same through A1111's Lora extension (UNet and text-encoder layers in one mapping)."""
-    layers, path_of = {}, {}
-    named = [(f"diffusion_model_{ldm}".replace(".", "_"), "unet", path) for path, ldm in ldm_by_path.items()]
-    named += [(f"transformer_{path}".replace(".", "_"), "text_encoder", path)
-              for path, module in text_encoder.named_modules() if isinstance(module, nn.Linear)]
+    path_of = {f"diffusion_model_{ldm}".replace(".", "_"): f"unet.{path}" for path, ldm in ldm_by_path.items()}
+    path_of.update({f"transformer_{path}".replace(".", "_"): f"text_encoder.{path}"
+                    for path, module in text_encoder.named_modules() if isinstance(module, nn.Linear)})
     models = {"unet": unet, "text_encoder": text_encoder}
-    for name, model_name, path in named:
-        layer = copy.deepcopy(models[model_name].get_submodule(path))
-        layer.network_layer_name = name
-        layers[name], path_of[name] = layer, f"{model_name}.{path}"
-    networks["shared"].sd_model = types.SimpleNamespace(network_layer_mapping=layers, is_sdxl=False)
-    net = networks["load_network"](file.stem, types.SimpleNamespace(filename=str(file)))
-    networks["loaded_networks"][:] = [net]
-    weights = {}
-    for name in net.modules:
-        networks["network_apply_weights"](layers[name])
-        weights[path_of[name]] = layers[name].weight.detach().float()
-    groups = {key.split(".", 1)[0] for key in load_file(str(file))}
-    return weights, len(net.modules), len(groups) - len(net.modules)
+    layers = named_copies([(name, models[path.split(".", 1)[0]].get_submodule(path.split(".", 1)[1]))
+                           for name, path in path_of.items()])
+    weights, mapped, unmatched = a1111_apply(file, layers, networks)
+    return {path_of[name]: weight for name, weight in weights.items()}, mapped, unmatched
 
 
 def lora_errors(weights: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], bases: dict[str, torch.Tensor]
