@@ -40,9 +40,9 @@ from pathlib import Path
 from typing import Mapping
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from conceptflow.adapters.concept_io import EMBEDDING_PREFIX, read_adapter, split_prefix
+from conceptflow.adapters.concept_io import EMBEDDING_PREFIX, read_adapter, safetensors_bytes, split_prefix
 from conceptflow.errors import ConceptflowError
 from conceptflow.fileio import atomic_path
 
@@ -94,8 +94,8 @@ def write_embedding_file(path: str | Path, vectors: torch.Tensor, metadata: Mapp
         raise ValueError(f"an embedding file holds (vectors, dim); got shape {tuple(vectors.shape)}")
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as temporary:
-        save_file({EMBEDDING_KEY: vectors.detach().float().contiguous()}, str(temporary),
-                  metadata={str(k): str(v) for k, v in (metadata or {}).items()})
+        temporary.write_bytes(safetensors_bytes({EMBEDDING_KEY: vectors.detach().float().contiguous()},
+                                                {str(k): str(v) for k, v in (metadata or {}).items()}))
     return path
 
 

@@ -25,9 +25,8 @@ from pathlib import Path
 from typing import Mapping
 
 import torch
-from safetensors.torch import save_file
 
-from conceptflow.adapters.concept_io import read_adapter
+from conceptflow.adapters.concept_io import read_adapter, safetensors_bytes
 from conceptflow.errors import ConceptflowError
 from conceptflow.fileio import atomic_path
 from conceptflow.methods.conceptflow_s.lycoris import lycoris_name
@@ -51,7 +50,7 @@ def export_diff(deltas: Mapping[str, torch.Tensor], path: str | Path, metadata: 
     if not tensors:
         raise ConceptflowError(f"no merged updates to write to {path}")
     with atomic_path(path) as temporary:
-        save_file(tensors, str(temporary), metadata={"conceptflow_format": "diff", **(metadata or {})})
+        temporary.write_bytes(safetensors_bytes(tensors, {"conceptflow_format": "diff", **(metadata or {})}))
     return path
 
 

@@ -37,10 +37,10 @@ from pathlib import Path
 from typing import Mapping
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
-from conceptflow.adapters.concept_io import read_adapter, split_prefix
+from conceptflow.adapters.concept_io import read_adapter, safetensors_bytes, split_prefix
 from conceptflow.errors import ConceptflowError
 from conceptflow.fileio import atomic_path
 from conceptflow.methods.conceptflow_s.krona_wed import (
@@ -98,7 +98,7 @@ def export_lycoris(modules_or_state: Mapping[str, KronaWEDLinear] | Mapping[str,
     metadata = {"ss_network_module": "lycoris.kohya", "ss_network_args": json.dumps(network_args),
                 "conceptflow_adapter": "krona_wed", "conceptflow_weight_decompose": axis}
     with atomic_path(path) as temporary:
-        save_file(to_lycoris_state_dict(modules_or_state, axis), str(temporary), metadata=metadata)
+        temporary.write_bytes(safetensors_bytes(to_lycoris_state_dict(modules_or_state, axis), metadata))
     return path
 
 

@@ -23,9 +23,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from safetensors.torch import save_file
 
-from conceptflow.adapters.concept_io import EMBEDDING_PREFIX, read_adapter, split_prefix
+from conceptflow.adapters.concept_io import EMBEDDING_PREFIX, read_adapter, safetensors_bytes, split_prefix
 from conceptflow.adapters.embedding_files import DEFAULT_FORM, export_concept_embedding
 from conceptflow.adapters.kohya_keys import kohya_lora_tensors
 from conceptflow.errors import ConceptflowError
@@ -74,6 +73,6 @@ def export_kohya(concept_folder: Path, out_path: Path, form: str = DEFAULT_FORM)
                 "conceptflow_concept": name, "conceptflow_embedding": f"{EMBEDDINGS_FOLDER}/{embedding.name}"}
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out_path) as temporary:
-        save_file(state, str(temporary), metadata=metadata)
+        temporary.write_bytes(safetensors_bytes(state, metadata))
     export_concept_embedding(Path(concept_folder), embedding, form)
     return out_path
