@@ -76,6 +76,15 @@ class Combination(StrictModel):
     prompts: tuple[str, ...] = Field(min_length=1, description="prompts using <name> references")
     seeds: tuple[int, ...] = Field((0, 1), description=f"distinct seeds in 0..{SEED_MAX}, at least one; one image "
                                    "per prompt and seed")
+    # Left out of dumps when unset, so the config hashes of combinations without them stay the same.
+    layout: dict[str, tuple[float, float, float, float]] | None = Field(
+        None, exclude_if=lambda value: value is None,
+        description="one box per concept, {<name>: [x0, y0, x1, y1]} in relative image coordinates (0..1, x0 < x1, "
+        "y0 < y1); samplers that place concepts (cones2_layout, conductor) use it; unset: side-by-side boxes")
+    layout_image: Path | None = Field(
+        None, exclude_if=lambda value: value is None,
+        description="an image (relative to the catalog) whose layout the conductor sampler follows; unset: one the "
+        "base model draws from the base prompt")
 
     @field_validator("seeds")
     @classmethod
@@ -97,6 +106,25 @@ class Combination(StrictModel):
         if repeated:
             raise ValueError(f"concepts {repeated} are listed more than once: list each concept once")
         return concepts
+
+    @field_validator("layout")
+    @classmethod
+    def _boxes_in_image(cls, layout):
+        for name, (x0, y0, x1, y1) in (layout or {}).items():
+            if not (0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1):
+                raise ValueError(f"layout box of {name!r} is [{x0}, {y0}, {x1}, {y1}]: give [x0, y0, x1, y1] with "
+                                 "0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1 (relative coordinates)")
+        return layout
+
+    @model_validator(mode="after")
+    def _layout_names_concepts(self) -> "Combination":
+        if self.layout is not None:
+            unknown = sorted(set(self.layout) - set(self.concepts))
+            missing = sorted(set(self.concepts) - set(self.layout))
+            if unknown or missing:
+                raise ValueError(f"layout must give one box per concept of the combination {list(self.concepts)}; "
+                                 + (f"unknown: {unknown} " if unknown else "") + (f"missing: {missing}" if missing else ""))
+        return self
 
     @model_validator(mode="after")
     def _default_name(self) -> "Combination":

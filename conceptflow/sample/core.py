@@ -31,7 +31,8 @@ so its gradient is float32 too. In float32 every cast is the identity and nothin
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -49,10 +50,15 @@ LATENT_DTYPE = torch.float32
 
 @dataclass(frozen=True)
 class SampleRequest:
-    """One image to sample: its prompt (concepts written ``<name>``) and its noise seed."""
+    """One image to sample: its prompt (concepts written ``<name>``), its noise seed and, for the
+    samplers that place concepts, its layout: ``boxes`` {concept: (x0, y0, x1, y1)} in relative
+    coordinates (None: the sampler's default split) and ``layout_image`` (Concept Conductor's
+    layout reference; None: one the base draws)."""
 
     prompt: str
     seed: int
+    boxes: Mapping[str, tuple[float, float, float, float]] | None = None
+    layout_image: Path | None = None
 
 
 class SamplingCore:

@@ -25,7 +25,12 @@ def generate(catalog: Catalog, combination_name: str, sampler: str | None = None
     layout = Layout(catalog)
     settings = generate_settings(catalog, sampler)
     upstream = upstream_md5s(catalog, "generate", combination_name)  # {"fused": md5}
-    requests = [SampleRequest(prompt, seed) for prompt in combination.prompts for seed in combination.seeds]
+    layout_image = None
+    if combination.layout_image is not None:
+        layout_image = (combination.layout_image if combination.layout_image.is_absolute()
+                        else Path(catalog.root) / combination.layout_image)
+    requests = [SampleRequest(prompt, seed, combination.layout, layout_image)
+                for prompt in combination.prompts for seed in combination.seeds]
 
     def produce(staging):
         pipeline = load_base_pipeline(catalog.base_model_source, catalog.device, catalog.dtype)
