@@ -1,7 +1,7 @@
 """Leaderboard: every registered training method x every registered sampler on the toy world,
 in one table like ConceptFlow's Tables 1-2.
 
-    HF_HUB_OFFLINE=1 python benchmarks/leaderboard.py [--quick] [--out DIR] [--threads 1]
+    HF_HUB_OFFLINE=1 python benchmarks/leaderboard.py [--quick] [--out DIR] [--threads 1] [--methods a,b] [--samplers c,d]
 
 For each method of ``conceptflow.methods.METHODS`` the pipeline's own stages (ingest, mask,
 train, fuse with catalog.yaml's gradient fusion) train every benchmark concept and fuse each
@@ -100,17 +100,32 @@ METRICS = (  # (key, column title, higher is better)
 )
 
 
+# --methods / --samplers: run a subset of the registries' rows (default: every row)
+SELECTED: dict[str, list[str] | None] = {"methods": None, "samplers": None}
+
+
+def _selected(kind: str, registered: list[str]) -> list[str]:
+    chosen = SELECTED[kind]
+    if chosen is None:
+        return registered
+    unknown = sorted(set(chosen) - set(registered))
+    if unknown:
+        raise SystemExit(f"--{kind}: unknown {unknown}; registered: {registered}")
+    return [name for name in registered if name in chosen]
+
+
 def method_names() -> list[str]:
+    """Every registered training method (``conceptflow.methods.METHODS``), or the --methods subset."""
     from conceptflow.methods import METHODS
 
-    return list(METHODS)
+    return _selected("methods", list(METHODS))
 
 
 def sampler_names() -> list[str]:
-    """Every registered sampler (``conceptflow.sample.SAMPLERS``)."""
+    """Every registered sampler (``conceptflow.sample.SAMPLERS``), or the --samplers subset."""
     from conceptflow.sample import SAMPLERS
 
-    return list(SAMPLERS)
+    return _selected("samplers", list(SAMPLERS))
 
 
 def held_out_prompts(pair: tuple[str, str], templates: int) -> list[str]:
@@ -396,7 +411,12 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=None, help="seeds per prompt")
     parser.add_argument("--sample-columns", type=int, default=8, help="images per row in samples.png")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--methods", default=None, help="comma-separated subset of the registered methods")
+    parser.add_argument("--samplers", default=None, help="comma-separated subset of the registered samplers")
     args = parser.parse_args()
+    for kind in ("methods", "samplers"):
+        if getattr(args, kind):
+            SELECTED[kind] = [name.strip() for name in getattr(args, kind).split(",") if name.strip()]
     torch.set_num_threads(args.threads)
     settings = dict(QUICK if args.quick else FULL)
     for key in ("train_steps", "sample_steps", "seeds"):
