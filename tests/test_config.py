@@ -124,3 +124,30 @@ def test_validate_catalog_lists_every_run_time_problem(tmp_path):
     for field in ("base_model:", "device:", "evaluate.toy_evaluators:", "concepts.cat.images:"):
         assert f"  - {field}" in message, message
     assert message.startswith(f"{path}: 4 problems")
+
+
+LAYOUT = """
+concepts:
+  dog: {class_word: dog, images: photos/dog}
+  cat: {class_word: cat, images: photos/cat}
+combinations:
+  dog+cat: {concepts: [dog, cat], prompts: ["a <dog> and a <cat>"], LAYOUT}
+"""
+
+
+def test_combination_layout_boxes_are_checked_and_unset_layouts_keep_the_hash(tmp_path):
+    from conceptflow.config import config_hash
+
+    boxed = load_catalog(write(tmp_path, LAYOUT.replace("LAYOUT", "layout: {dog: [0, 0, 0.5, 1], cat: [0.5, 0, 1, 1]}")))
+    assert boxed.combination("dog+cat").layout == {"dog": (0.0, 0.0, 0.5, 1.0), "cat": (0.5, 0.0, 1.0, 1.0)}
+    plain = load_catalog(write(tmp_path, GOOD))
+    # a combination without layout fields dumps (and hashes) as before the fields existed
+    assert set(plain.combination("dog+cat").model_dump()) == {"name", "concepts", "prompts", "seeds"}
+    assert config_hash(plain.combination("dog+cat")) != config_hash(boxed.combination("dog+cat"))
+    for layout, message in (("layout: {dog: [0.6, 0, 0.5, 1], cat: [0.5, 0, 1, 1]}", "0 <= x0 < x1 <= 1"),
+                            ("layout: {dog: [0, 0, 0.5, 1.5], cat: [0.5, 0, 1, 1]}", "0 <= y0 < y1 <= 1"),
+                            ("layout: {dog: [0, 0, 0.5, 1]}", "missing: ['cat']"),
+                            ("layout: {dog: [0, 0, 0.5, 1], cat: [0.5, 0, 1, 1], cow: [0, 0, 1, 1]}",
+                             "unknown: ['cow']")):
+        with pytest.raises(CatalogError, match=message.replace("[", r"\[").replace("]", r"\]")):
+            load_catalog(write(tmp_path, LAYOUT.replace("LAYOUT", layout)))
