@@ -14,11 +14,12 @@ from typing import Annotated, Literal, Union
 import yaml
 from pydantic import BaseModel, Field, ValidationError, create_model, field_validator, model_validator
 
-from conceptflow.errors import CatalogError
+from conceptflow.errors import CatalogError, ConceptflowError
 from conceptflow.methods import METHODS
 from conceptflow.methods.conceptflow_s.config import ConceptFlowSTrainConfig
 from conceptflow.methods.edlora.config import LoRATrainConfig
 from conceptflow.sample import SAMPLERS
+from conceptflow.sample.boxes import validate_box
 from conceptflow.sample.conceptflow_m.config import ConceptFlowMConfig
 from conceptflow.schema import COMBINATION_NAME, CONCEPT_NAME, CONCEPT_REFERENCE, PROJECT_NAME, StrictModel
 
@@ -110,10 +111,11 @@ class Combination(StrictModel):
     @field_validator("layout")
     @classmethod
     def _boxes_in_image(cls, layout):
-        for name, (x0, y0, x1, y1) in (layout or {}).items():
-            if not (0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1):
-                raise ValueError(f"layout box of {name!r} is [{x0}, {y0}, {x1}, {y1}]: give [x0, y0, x1, y1] with "
-                                 "0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1 (relative coordinates)")
+        for name, box in (layout or {}).items():
+            try:
+                validate_box(name, box)
+            except ConceptflowError as error:  # pydantic reports ValueErrors with the field's location
+                raise ValueError(str(error)) from None
         return layout
 
     @model_validator(mode="after")
@@ -309,8 +311,12 @@ class Catalog(StrictModel):
         """What to load: ``base_model`` with a catalog-relative folder resolved."""
         return self.resolve_path(self.base_model)
 
+    def path(self, value: Path) -> Path:
+        """A path of the catalog (``images:``, ``layout_image:``) as given if absolute, else under ``root``."""
+        return value if value.is_absolute() else self.root / value
+
     def images_dir(self, concept: Concept) -> Path:
-        return concept.images if concept.images.is_absolute() else self.root / concept.images
+        return self.path(concept.images)
 
     @property
     def data_dir(self) -> Path:

@@ -25,10 +25,7 @@ def generate(catalog: Catalog, combination_name: str, sampler: str | None = None
     layout = Layout(catalog)
     settings = generate_settings(catalog, sampler)
     upstream = upstream_md5s(catalog, "generate", combination_name)  # {"fused": md5}
-    layout_image = None
-    if combination.layout_image is not None:
-        layout_image = (combination.layout_image if combination.layout_image.is_absolute()
-                        else Path(catalog.root) / combination.layout_image)
+    layout_image = None if combination.layout_image is None else catalog.path(combination.layout_image)
     requests = [SampleRequest(prompt, seed, combination.layout, layout_image)
                 for prompt in combination.prompts for seed in combination.seeds]
 
