@@ -250,12 +250,8 @@ def run_method(catalog, settings: dict, args, evaluators, references, arms: dict
                progress, clock: PhaseClock) -> list[tuple[float, float]]:
     """Train every concept of ``catalog`` (one method's), fuse and sample each combination;
     returns the method's (wall, CPU) seconds per training step."""
-    from conceptflow.adapters.merge import apply_concepts
-    from conceptflow.layout import Layout
-    from conceptflow.methods import read_concept
-    from conceptflow.models.loading import load_base_pipeline
-    from conceptflow.sample import SAMPLERS
-    from conceptflow.sample.core import SampleRequest, SamplingCore
+    from conceptflow.sample.core import SampleRequest
+    from conceptflow.stages.combination_model import CombinationModel
     from conceptflow.stages.fuse import fuse
     from conceptflow.stages.ingest import ingest
     from conceptflow.stages.mask import mask
@@ -281,21 +277,19 @@ def run_method(catalog, settings: dict, args, evaluators, references, arms: dict
         progress.set_description(f"{method}: fuse {combination.name}")
         with clock("fuse"):
             fuse(catalog, combination.name)
-        requests = [SampleRequest(prompt, seed) for prompt in combination.prompts for seed in combination.seeds]
+        requests = [SampleRequest(prompt, seed, combination.layout) for prompt in combination.prompts
+                    for seed in combination.seeds]
         for sampler in sampler_names():
             progress.set_description(f"{method}: {sampler} {combination.name}")
             generate = sampler_settings(catalog, sampler, settings["sample_steps"])
-            with clock("load fused"):
-                pipeline = load_base_pipeline(catalog.base_model_source, catalog.device, catalog.dtype)
-                apply_concepts(pipeline, [read_concept(Layout(catalog).fused(combination.name), pipeline)])
-                core = SamplingCore(pipeline)
+            with clock("load fused"):  # the fused model, or the separate adapters for a uses_adapters sampler
+                model = CombinationModel(catalog, combination.name, sampler)
             arm = arms.setdefault((method, sampler), Arm(method, sampler))
             for start in range(0, len(requests), generate.batch_size):
                 batch = requests[start:start + generate.batch_size]
                 wall, cpu = time.perf_counter(), time.process_time()
                 with clock(f"sample {sampler}"):
-                    result = SAMPLERS[sampler].sample(core, batch, combination.concepts, catalog.resolution,
-                                                      generate, description=f"{sampler} {combination.name}")
+                    result = model.sample(generate, batch, f"{sampler} {combination.name}", plain=False)
                 sample_seconds.setdefault(sampler, []).append(
                     ((time.perf_counter() - wall) / len(batch), (time.process_time() - cpu) / len(batch)))
                 with clock("score"):

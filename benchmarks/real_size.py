@@ -167,6 +167,7 @@ def write_catalog(folder: Path, resolution: int, args) -> Path:
         combination["prompts"] = combination["prompts"][:1]
     catalog.update(resolution=resolution, fuse={"method": "gradient", "solver": "closed_form"},
                    mask={"backend": "saliency"},
+                   ingest={"min_side_fraction": 0},  # the toy renders are 64 px: upscaled on purpose here
                    generate={"steps": args.sample_steps, "batch_size": 1, "guidance_scale": 7.5,
                              "conceptflow_m": {"sama_start_step": 1}})
     path.write_text(yaml.safe_dump(catalog, sort_keys=False))

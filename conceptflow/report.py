@@ -194,10 +194,14 @@ def combination_section(layout: Layout, catalog: Catalog, name: str) -> str:
             if row.get("plain_file"):
                 cells.append(figure(folder / row["plain_file"], PLAIN_LABEL, "plain"))
             cells.append(figure(folder / row["file"], sampler, "generated", sampler=sampler))
+            ordered = lambda names: sorted(names, key=lambda n: (order.index(n) if n in order else len(order), n))
             maps = row.get("attention") or {}
-            for concept_name in sorted(maps, key=lambda n: (order.index(n) if n in order else len(order), n)):
+            for concept_name in ordered(maps):
                 map_file = maps[concept_name]
                 cells.append(figure(folder / map_file, f"<{concept_name}> attention", "attention", concept=concept_name))
+            masks = row.get("masks") or {}  # a sampler's final per-concept masks (Concept Conductor's refined ones)
+            for concept_name in ordered(masks):
+                cells.append(figure(folder / masks[concept_name], f"<{concept_name}> mask", "sampler-mask", concept=concept_name))
             parts.append(f"<div class='sample' data-prompt='{html.escape(row['prompt'])}' data-seed='{row['seed']}'>"
                          f"<p class='meta prompt'>{html.escape(caption)}</p><div class='row'>{''.join(cells)}</div></div>")
     if metrics:

@@ -152,7 +152,7 @@ class BranchedConcepts:
             raise ConceptflowError("branched_concepts needs at least one branch (an empty branch is the base model)")
         self.pipeline = pipeline
         self.n_branches = len(branches)
-        self._branches = [list(concepts) for concepts in branches]
+        self._branches = [[piece for concept in concepts for piece in concept.with_parts()] for concepts in branches]
         self._scale = float(scale)
         self._branch_of: torch.Tensor | None = None
         self._explicit_ids: torch.Tensor | None = None

@@ -16,6 +16,11 @@ channels, each used by some of the seed methods:
   (Cones 2's residual embedding at the class word). Also run-time only.
 * ``weights``: full new weights per linear (a fused model stores these instead of deltas).
 
+A fused model may also carry ``parts``: the run-time channels of the concepts it was fused
+from (a ToVA concept's token deltas, a Cones 2 residual), one ``ConceptEffects`` each, since two
+concepts may hold token deltas of the same linear at different tokens. Everything that applies
+concepts at run time applies a concept's parts with it (``with_parts``).
+
 ``conceptflow.adapters.merge.apply_concepts`` writes the mergeable channels into a pipeline;
 ``conceptflow.adapters.branched`` applies every channel at run time, one set of concepts per
 sample of a batch (separate branches of one UNet call).
@@ -54,15 +59,32 @@ class ConceptEffects:
     weights: dict[str, torch.Tensor] = field(default_factory=dict)
     token_deltas: dict[str, TokenDelta] = field(default_factory=dict)
     text_residuals: list[TextResidual] = field(default_factory=list)
+    parts: list["ConceptEffects"] = field(default_factory=list)  # a fused model's concepts' run-time channels
 
     @property
     def name(self) -> str:
         return str(self.meta.get("name", ""))
 
     @property
+    def has_runtime_channels(self) -> bool:
+        """True when this concept itself (not its parts) has a run-time channel."""
+        return bool(self.token_deltas or self.text_residuals)
+
+    @property
     def mergeable(self) -> bool:
-        """True when every channel can be written into the weights (no run-time channel)."""
-        return not self.token_deltas and not self.text_residuals
+        """True when every channel can be written into the weights (no run-time channel, no parts)."""
+        return not self.has_runtime_channels and not self.parts
+
+    def runtime_part(self) -> "ConceptEffects | None":
+        """This concept's run-time channels alone (what a fused model carries of it), or None."""
+        if not self.has_runtime_channels:
+            return None
+        return ConceptEffects({"name": self.name, "method": self.meta.get("method")},
+                              token_deltas=dict(self.token_deltas), text_residuals=list(self.text_residuals))
+
+    def with_parts(self) -> list["ConceptEffects"]:
+        """This concept and its parts, flat, for run-time application."""
+        return [self, *(piece for part in self.parts for piece in part.with_parts())]
 
     @property
     def adapted_paths(self) -> set[str]:

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from conceptflow.adapters.concept_io import EMBEDDING_PREFIX, WEIGHT_PREFIX, read_adapter, split_prefix
+from conceptflow.adapters.concept_io import EMBEDDING_PREFIX, read_adapter, split_prefix
 from conceptflow.adapters.effects import ConceptEffects
+from conceptflow.adapters.merge import read_fused
 from conceptflow.errors import ConceptflowError
 from conceptflow.methods import conceptflow_s, edlora, textual_inversion
 from conceptflow.methods.base import ConceptTrainConfig, ConceptTrainer, MethodSpec
@@ -43,12 +44,13 @@ def read_concept(folder: Path, pipeline) -> ConceptEffects:
     """What a trained concept folder (or a fused model's) does to ``pipeline``'s base.
 
     Token embeddings are read here for every method; the method's reader turns the rest of
-    its tensors into effects. A fused model holds full weights (``weight.<model>.<path>``).
+    its tensors into effects. A fused model holds full weights (``weight.<model>.<path>``) and
+    its concepts' run-time parts (``adapters.merge.read_fused``).
     """
     tensors, meta = read_adapter(folder)
     embeddings = split_prefix(tensors, EMBEDDING_PREFIX)
     if meta.get("kind") == "fused":
-        return ConceptEffects(meta, embeddings, weights=split_prefix(tensors, WEIGHT_PREFIX))
+        return read_fused(tensors, meta)
     method = meta.get("method")
     if method not in METHODS:
         raise ConceptflowError(f"{folder}/concept.json names unknown method {method!r}; known: {sorted(METHODS)}")

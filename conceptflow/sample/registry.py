@@ -35,12 +35,15 @@ class SamplingResult:
 
     ``attention_maps[i][concept]``: the concept's (H, W) map in image i, in [0, 1], for each
     concept its prompt names (None when the sampler records none); ``plain_images``: the same
-    requests from the plain fused sampler, for comparison (None when the sampler is plain).
+    requests from the plain fused sampler, for comparison (None when the sampler is plain);
+    ``masks[i][concept]``: the concept's region the sampler used in image i (Concept Conductor's
+    refined masks; None when it has none).
     """
 
     images: list
     attention_maps: list[dict[str, Any]] | None = None
     plain_images: list | None = None
+    masks: list[dict[str, Any]] | None = None  # masks[i][concept]: the (H, W) [0, 1] mask the sampler ended with
 
 
 @dataclass(frozen=True)
@@ -52,11 +55,18 @@ class SamplerSpec:
     default_steps: int
     entry_point: str  # "module:function", the function of the module docstring's signature
     summary: str = ""
+    # True: the sampler keeps concepts apart; it gets the bare base and ``adapters`` {concept:
+    # ConceptEffects} (each concept's own adapter) instead of the base with the fused model applied
+    uses_adapters: bool = False
 
     def sample(self, core_or_pipeline, requests, concepts, resolution: int, settings,
-               description: str = "generate") -> SamplingResult:
+               description: str = "generate", adapters=None) -> SamplingResult:
         module_name, _, attribute = self.entry_point.partition(":")
         function: Callable[..., SamplingResult] = getattr(importlib.import_module(module_name), attribute)
+        if self.uses_adapters:
+            if adapters is None:
+                raise ConceptflowError(f"sampler {self.name!r} samples separate concept adapters: pass adapters=")
+            return function(core_or_pipeline, requests, concepts, resolution, settings, description, adapters=adapters)
         return function(core_or_pipeline, requests, concepts, resolution, settings, description)
 
 

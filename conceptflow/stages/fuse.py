@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from conceptflow.adapters.concept_io import save_adapter
-from conceptflow.adapters.merge import base_weights, fused_tensors, merged_embeddings
+from conceptflow.adapters.merge import base_weights, fused_runtime_tensors, fused_tensors, merged_embeddings
 from conceptflow.methods import read_concept
 from conceptflow.config import Catalog
 from conceptflow.layout import Layout
@@ -38,7 +38,11 @@ def fuse(catalog: Catalog, combination_name: str, force: bool = False):
                                           "class_word": c.meta["class_word"]} for c in concepts},
             "base_model": catalog.base_model, "base_model_hash": model_fingerprint(catalog.base_model_source),
         }
-        save_adapter(staging, fused_tensors(weights, merged_embeddings(concepts)), meta)
+        # run-time channels (ToVA token deltas, Cones 2 residuals) are not fused: carried as they are
+        runtime, meta["runtime_parts"] = fused_runtime_tensors(concepts, catalog.fuse.adapter_scale)
+        if not meta["runtime_parts"]:
+            del meta["runtime_parts"]  # a fused model of mergeable concepts keeps its concept.json (and md5)
+        save_adapter(staging, {**fused_tensors(weights, merged_embeddings(concepts)), **runtime}, meta)
         return {"params": {"method": catalog.fuse.method, "solver": meta["solver"] or "",
                            "adapter_scale": catalog.fuse.adapter_scale, "concepts": ",".join(combination.concepts)},
                 "metrics": {"fused_layers": float(len(weights)), **metrics}}

@@ -1,4 +1,5 @@
-"""Stage 5: sample the combination's prompts from its fused model, a fixed seed per image."""
+"""Stage 5: sample the combination's prompts from its fused model (or, for a sampler that keeps
+concepts apart, from their separate adapters), a fixed seed per image."""
 
 from __future__ import annotations
 
@@ -7,22 +8,17 @@ from pathlib import Path
 
 from PIL import Image
 
-from conceptflow.adapters.merge import apply_concepts
-from conceptflow.methods import read_concept
 from conceptflow.config import Catalog
 from conceptflow.fileio import write_json_atomic
-from conceptflow.layout import Layout
-from conceptflow.models.loading import load_base_pipeline
 from conceptflow.plots import save_heatmap
-from conceptflow.sample import get_sampler
-from conceptflow.sample.core import SampleRequest, SamplingCore
+from conceptflow.sample.core import SampleRequest
 from conceptflow.stages.base import run_stage
+from conceptflow.stages.combination_model import sample_combination
 from conceptflow.stages.table import generate_settings, stage, upstream_md5s
 
 
 def generate(catalog: Catalog, combination_name: str, sampler: str | None = None, force: bool = False):
     combination = catalog.combination(combination_name)
-    layout = Layout(catalog)
     settings = generate_settings(catalog, sampler)
     upstream = upstream_md5s(catalog, "generate", combination_name)  # {"fused": md5}
     layout_image = None if combination.layout_image is None else catalog.path(combination.layout_image)
@@ -30,13 +26,10 @@ def generate(catalog: Catalog, combination_name: str, sampler: str | None = None
                 for prompt in combination.prompts for seed in combination.seeds]
 
     def produce(staging):
-        pipeline = load_base_pipeline(catalog.base_model_source, catalog.device, catalog.dtype)
-        fused_model = read_concept(layout.fused(combination_name), pipeline)
-        apply_concepts(pipeline, [fused_model])
-        result = get_sampler(settings.sampler).sample(SamplingCore(pipeline), requests, combination.concepts,
-                                                      catalog.resolution, settings, f"generate {combination_name}")
+        result = sample_combination(catalog, combination_name, settings, requests, f"generate {combination_name}")
         images, plain = result.images, result.plain_images
         maps = result.attention_maps or [None] * len(requests)
+        masks = result.masks or [None] * len(requests)
         records = []
         for index, (request, image) in enumerate(zip(requests, images)):
             record = {"file": f"{index:03d}.png", "prompt": request.prompt, "seed": request.seed}
@@ -50,6 +43,11 @@ def generate(catalog: Catalog, combination_name: str, sampler: str | None = None
                 for concept_name, attention in maps[index].items():
                     record["attention"][concept_name] = f"attention/{index:03d}_{concept_name}.png"
                     save_heatmap(attention, staging / record["attention"][concept_name], catalog.resolution)
+            if masks[index]:  # the sampler's final per-concept masks (Concept Conductor's refined masks)
+                record["masks"] = {}
+                for concept_name, concept_mask in masks[index].items():
+                    record["masks"][concept_name] = f"masks/{index:03d}_{concept_name}.png"
+                    save_heatmap(concept_mask, staging / record["masks"][concept_name], catalog.resolution)
             records.append(record)
         write_json_atomic(staging / "images.json", {"sampler": settings.sampler, "images": records})
         return {"params": {"sampler": settings.sampler, "steps": settings.steps, "guidance_scale": settings.guidance_scale,
