@@ -226,10 +226,11 @@ def test_sampler_on_the_toy_base_returns_images_maps_boxes_and_plain_images(conc
     for maps in result.attention_maps:
         for array in maps.values():
             assert array.shape == (16, 16) and array.min() == 0.0 and array.max() == pytest.approx(1.0)
-    # boxes: the layout's; without one, side-by-side columns over the named concepts in combination order
+    # boxes: the layout's; without one, side-by-side columns over the named concepts in the prompt's order
     assert result.masks[0]["dog"][:, :8].all() and not result.masks[0]["dog"][:, 8:].any()
     assert result.masks[1]["dog"].all()  # the only concept of its prompt: the whole image
-    assert result.masks[2]["dog"][:, :8].all() and result.masks[2]["cat"][:, 8:].all()
+    assert result.masks[2]["cat"][:, :8].all() and result.masks[2]["dog"][:, 8:].all()
+    assert not result.masks[2]["cat"][:, 8:].any()
     plain = sample_images(core, requests, CONCEPTS, 64, steps=4)
     assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(result.plain_images, plain))
     assert all(not np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(result.images, plain))

@@ -11,7 +11,7 @@ Each batch of requests runs the fused sampler's loop (DPM-Solver++, classifier-f
   cross-attention softmax (same hook).
 
 Boxes: the request's (the catalog's ``Combination.layout``) for the concepts its prompt names, or,
-without a layout, side-by-side columns over those concepts in the combination's order
+without a layout, side-by-side columns over those concepts in the order the prompt mentions them
 (``boxes.resolve_boxes``). With ``guidance_weight`` 0, the switches off and no maps asked for, no hook
 is installed and the images are the fused sampler's (``fused.sample_images``) bit for bit.
 """
@@ -35,11 +35,15 @@ from conceptflow.sample.cones2_layout.guidance import LayoutBiasHook, high_resol
 from conceptflow.sample.core import SampleRequest, SamplingCore
 from conceptflow.sample.fused import sample_images
 from conceptflow.sample.registry import SamplingResult
+from conceptflow.schema import CONCEPT_REFERENCE
 
 
-def image_boxes(request: SampleRequest, concepts: Sequence[str], named: Sequence[bool]) -> dict[str, Box]:
-    """The boxes of the concepts the request's prompt names: its layout's, or the default split over them."""
-    names = [name for name, is_named in zip(concepts, named) if is_named]
+def image_boxes(request: SampleRequest, concepts: Sequence[str]) -> dict[str, Box]:
+    """The boxes of the concepts the request's prompt names: its layout's, or, without one, side-by-side
+    columns over them in the order the prompt first mentions them ("a <b> on the left and a <a> on the
+    right": <b> left)."""
+    known = set(concepts)
+    names = list(dict.fromkeys(name for name in CONCEPT_REFERENCE.findall(request.prompt) if name in known))
     return resolve_boxes(names, request.boxes) if names else {}
 
 
@@ -90,7 +94,7 @@ class Cones2LayoutBatch:
         config, tokenizer = self.config, core.pipeline.tokenizer
         prompts = [r.prompt for r in requests]
         self.valid = named_concepts(prompts, self.concepts)
-        self.boxes = [image_boxes(r, self.concepts, self.valid[i].tolist()) for i, r in enumerate(requests)]
+        self.boxes = [image_boxes(r, self.concepts) for r in requests]
         self.text = core.encode(prompts, self.concepts)
         self.uncond = core.encode_uncond(len(requests))
         self.latents = core.initial_latents([r.seed for r in requests], resolution)
