@@ -209,6 +209,9 @@ class EvaluateConfig(StrictModel):
     toy_evaluators: str | None = Field(
         None, description="folder of the toy world's recogniser/ and identity/ (relative to the catalog); "
         "when set they stand in for CLIP (prompt alignment) and DINO (identity)")
+    attention_entropy: bool = Field(True, description="score attention_entropy_change (ConceptSplit Table 1): "
+                                    "the concepts' cross-attention entropy change per step in a plain sampling run "
+                                    "of the fused model (one more run per image)")
 
 
 class Catalog(StrictModel):

@@ -161,3 +161,23 @@ def test_adapter_sampler_refuses_an_adapter_retrained_after_fusion(fused_project
     with pytest.raises(ConceptflowError, match="conceptflow fuse --combination"):
         fused_sources(catalog, combination, meta)
     assert read_manifest(Layout(catalog).adapter(PAIR[0])) is not None
+
+
+def test_evaluate_scores_the_attention_entropy_change_per_concept(fused_project):
+    import json
+
+    from conceptflow.layout import Layout
+    from conceptflow.stages.evaluate import evaluate
+    from conceptflow.stages.generate import generate
+
+    catalog, combination = fused_project
+    generate(catalog, combination)
+    evaluate(catalog, combination, force=True)
+    scores = json.loads((Layout(catalog).metrics(combination) / "metrics.json").read_text())
+    per_concept = [scores["per_concept"][name]["attention_entropy_change"] for name in PAIR]
+    assert all(np.isfinite(value) and value != 0 for value in per_concept)
+    assert scores["overall"]["attention_entropy_change"] == pytest.approx(np.mean(per_concept))  # one image per prompt
+    off = catalog.model_copy(update={"evaluate": catalog.evaluate.model_copy(update={"attention_entropy": False})})
+    evaluate(off, combination, force=True)
+    scores = json.loads((Layout(catalog).metrics(combination) / "metrics.json").read_text())
+    assert "attention_entropy_change" not in scores["overall"]

@@ -68,6 +68,10 @@ class CombinationModel:
             self._parts = (lambda: runtime_concepts(pipeline, parts)) if parts else contextlib.nullcontext
         self.core = SamplingCore(pipeline)
 
+    def runtime(self):
+        """The context in which the fused model's run-time parts apply (nothing for the bare base)."""
+        return self._parts()
+
     def sample(self, settings: GenerateConfig, requests: Sequence[SampleRequest], description: str = "generate",
                plain: bool = True) -> SamplingResult:
         """``settings.sampler``'s images of ``requests``; for a ``uses_adapters`` sampler with
