@@ -1,4 +1,6 @@
-"""Concept Conductor (seed 004): attention fusion of separate concept branches with refined masks.
+"""Concept Conductor (seed 004): separate concept branches in one batched UNet call, layout
+alignment to a DDIM-inverted reference, attention-output fusion with refined masks.
 
-Built so far: settings (config.py), the fusion equation (fusion.py) and the k-means mask refinement
-(masks.py). The sampling pipeline and registry row are not built yet."""
+config.py (settings), prompts.py (branch prompts), inversion.py (DDIM inversion, cached keys),
+hooks.py (what runs inside the UNet), fusion.py (the fusion equation), masks.py (k-means mask
+refinement), pipeline.py (the sampler, registry row ``conductor``)."""

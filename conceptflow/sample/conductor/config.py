@@ -22,8 +22,19 @@ class ConductorConfig(StrictModel):
     refine_end_fraction: float = Field(80 / 200, ge=0, le=1, description="last mask refinement (reference 80/200)")
     refine_every_fraction: float = Field(5 / 200, gt=0, le=1, description="refinement period (reference 5/200)")
     kmeans_inits: int = Field(100, ge=1, description="k-means restarts (reference: 100)")
-    overlap_threshold: float = Field(0.5, ge=0, le=1, description="IoU below which a refined mask falls back to the box")
+    overlap_threshold: float = Field(0.0, ge=0, le=1, description="IoU below which a refined mask falls back to the "
+                                     "box (reference configs/sample_config.yaml: 0, i.e. the best cluster always)")
     lora_scale: float = Field(0.7, gt=0, description="adapter scale of the concept branches (reference lora_alpha 0.7)")
+    alignment_layer: str = Field("up_blocks.1.attentions.0", description="attention block whose self-attention "
+                                 "keys are aligned (reference: up_blocks.1.attentions.0 attn1)")
+    mask_layer: str = Field("up_blocks.2.attentions.2", description="attention block whose self-attention rows are "
+                            "clustered for the masks (reference: up_blocks.2.attentions.2 attn1); absent (a small "
+                            "base): the decoder's last self-attention layer")
+    masks_from_layout: bool = Field(True, description="initial masks: per concept the k-means cluster of the layout "
+                                    "reference's mask-layer self-attention (inverted, at the last refinement step's "
+                                    "timestep, as the reference) with the best IoU to its box; off: the boxes")
+    inversion_substeps: int = Field(1, ge=1, description="DDIM inversion steps per sampling interval: 1 inverts on "
+                                    "the sampling timesteps themselves (the reference inverts with 999 steps)")
 
     def step_indices(self, num_steps: int) -> tuple[int, list[int]]:
         """(last alignment step exclusive, refinement steps), scaled from the 200-step reference."""
