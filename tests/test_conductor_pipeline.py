@@ -26,7 +26,7 @@ from conceptflow.sample import get_sampler
 from conceptflow.sample.conductor import inversion
 from conceptflow.sample.conductor.hooks import resolve_layers
 from conceptflow.sample.conductor.inversion import StopForward, inversion_grid, invert_keys
-from conceptflow.sample.conductor.pipeline import ConductorBatch, combine_refined, disjoint_boxes
+from conceptflow.sample.conductor.pipeline import ConductorBatch, disjoint_boxes
 from conceptflow.sample.conductor.prompts import branch_prompt
 from conceptflow.sample.core import SampleRequest, SamplingCore
 
@@ -87,16 +87,12 @@ def test_branch_prompts_name_other_concepts_by_class_word():
         branch_prompt("a <owl>", words)
 
 
-def test_overlapping_boxes_go_to_the_smaller_and_refined_overlaps_keep_previous():
+def test_overlapping_boxes_go_to_the_smaller():
     boxes = torch.zeros(2, 4, 4)
     boxes[0] = 1  # the whole image
     boxes[1, :2, :2] = 1  # a corner inside it
     disjoint = disjoint_boxes(boxes)
     assert disjoint[1].sum() == 4 and disjoint[0].sum() == 12 and (disjoint.sum(0) <= 1).all()
-    previous = torch.tensor([[1.0, 1, 0, 0], [0, 0, 1, 1]])
-    custom = torch.tensor([[1.0, 1, 1, 0], [0, 0, 0, 1]])
-    base = torch.tensor([[0.0, 0, 0, 0], [0, 0, 1, 0]])  # both claim position 2 -> previous owner (concept 1)
-    assert combine_refined(custom, base, previous).tolist() == [[1, 1, 0, 0], [0, 0, 1, 1]]
 
 
 def test_inversion_grid_subdivides_the_sampling_timesteps():
@@ -174,7 +170,8 @@ def test_batched_branches_equal_separate_merged_models(pipeline, adapters):
     assert difference < ATOL, difference
     assert (ours - batched.plain_base()).abs().max() > 100 * ATOL  # conductor changed the image
     for i in range(len(REQUESTS)):
-        assert torch.equal(batched.hooks.masks[i], separate.hooks.masks[i])
+        for side, masks in batched.hooks.masks[i].items():
+            assert torch.equal(masks, separate.hooks.masks[i][side])
 
 
 # ------------------------------------------------------------------------------ alignment
@@ -210,10 +207,14 @@ def test_refined_masks_partition_the_image(pipeline, adapters):
     requests = [SampleRequest("a <dog> and a <cat>", 0, boxes={"dog": (0.0, 0.0, 0.7, 1.0), "cat": (0.5, 0.0, 1.0, 1.0)})]
     batch = ConductorBatch(core, requests, adapters, RESOLUTION, config, want_maps=False)
     batch.run()
-    masks = batch.hooks.masks[0]
     assert len(batch.refine_steps) == 3
-    assert set(masks.unique().tolist()) <= {0.0, 1.0}
-    assert (masks.sum(0) <= 1).all()  # no position in two masks (the base keeps the rest)
+    assert sorted(batch.hooks.masks[0]) == [8, 16]  # the decoder's two resolutions on the tiny base
+    for masks in batch.hooks.masks[0].values():
+        assert set(masks.unique().tolist()) <= {0.0, 1.0}
+        assert (masks.sum(0) <= 1).all()  # no position in two masks (the base keeps the rest)
+    final = batch.masks()[0]
+    masks = torch.stack([torch.from_numpy(final["dog"]), torch.from_numpy(final["cat"])])
+    assert masks.shape == (2, 16, 16) and (masks.sum(0) <= 1).all()
     boxes = batch.boxes[0].reshape(2, 16, 16)
     assert boxes[0].sum() == 8 * 16 and boxes[1].sum() == 8 * 16  # the overlap went to the smaller (cat) box
     assert not torch.equal(masks, boxes)  # refinement moved them off the boxes
@@ -228,7 +229,7 @@ def test_initial_masks_come_from_the_layout_reference(pipeline, adapters):
         reference = batch._reference(core.scheduler(6, "cpu").timesteps)
         with batch.session():
             batch._layout_masks(reference)
-        masks, boxes = batch.hooks.masks[0].flatten(1), batch.boxes[0]
+        masks, boxes = batch.hooks.masks[0][16], batch.boxes[0]
         assert (masks.sum(0) <= 1).all()
         assert torch.equal(masks, boxes) != from_layout
 

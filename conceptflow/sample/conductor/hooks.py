@@ -77,9 +77,9 @@ class ConductorHooks(AttentionHook):
         self.fusing = False
         self.refining = False
         self.mapping = False
-        # per image: (K, h, w) masks, and cache of their per-layer resizes
-        self.masks: dict[int, torch.Tensor] = {}
-        self._resized: dict[tuple[int, int], torch.Tensor] = {}
+        # per image: {side: (K, side*side)} fusion masks at each layer resolution (the reference keeps
+        # one per resolution and resolves overlaps at each)
+        self.masks: dict[int, dict[int, torch.Tensor]] = {}
         self.keys: dict[tuple[int, int], torch.Tensor] = {}
         self.probs: dict[tuple[int, int], torch.Tensor] = {}
         self.token_positions: dict[tuple[int, int], torch.Tensor] = {}  # concept rows' token positions
@@ -87,16 +87,13 @@ class ConductorHooks(AttentionHook):
         self._store: dict[tuple, torch.Tensor] = {}
 
     # ---------------------------------------------------------------- state
-    def set_masks(self, image: int, masks: torch.Tensor) -> None:
-        self.masks[image] = masks
-        self._resized = {key: value for key, value in self._resized.items() if key[0] != image}
+    def set_masks(self, image: int, masks: torch.Tensor, sides) -> None:
+        """(K, h, w) masks resized (``resize_mask``: bilinear, antialiased, > 0.5) to every side in ``sides``."""
+        self.masks[image] = {int(side): resize_mask(masks, int(side)) for side in sides}
 
     def layer_masks(self, image: int, length: int) -> torch.Tensor:
-        side = int(round(length ** 0.5))
-        key = (image, side)
-        if key not in self._resized:
-            self._resized[key] = resize_mask(self.masks[image], side)
-        return self._resized[key]
+        """(K, length) masks of ``image`` at a layer of ``length`` positions (a square map)."""
+        return self.masks[image][int(round(length ** 0.5))]
 
     def begin_call(self, rows: Sequence[Row]) -> None:
         self.rows = list(rows)
@@ -158,9 +155,11 @@ class ConductorHooks(AttentionHook):
                     if row.branch:
                         self._store[(name, half, row.image, row.branch)] = output[half * n_rows + r]
                 for r, row in enumerate(self.rows):
-                    if row.branch or row.image not in self.masks or not len(self.masks[row.image]):
+                    if row.branch or row.image not in self.masks:
                         continue
                     masks = self.layer_masks(row.image, output.shape[1]).to(output.device)
+                    if not len(masks):
+                        continue
                     customs = torch.stack([self._store[(name, half, row.image, j)] for j in range(1, len(masks) + 1)])
                     index = half * n_rows + r
                     fused_rows[index] = fuse(output[index][None], customs[:, None], masks)[0]

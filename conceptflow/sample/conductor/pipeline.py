@@ -54,7 +54,7 @@ from conceptflow.sample.conceptflow_m.pipeline import concept_token_positions
 from conceptflow.sample.conductor.config import ConductorConfig
 from conceptflow.sample.conductor.hooks import ConductorHooks, Row, resolve_layers
 from conceptflow.sample.conductor.inversion import StopForward, invert_keys
-from conceptflow.sample.conductor.masks import refine_masks
+from conceptflow.sample.conductor.masks import cluster_candidates, refine_masks, refine_step
 from conceptflow.sample.conductor.prompts import branch_prompt, class_words_of, concepts_of
 from conceptflow.sample.core import SampleRequest, SamplingCore
 from conceptflow.sample.registry import SamplingResult
@@ -67,15 +67,6 @@ def disjoint_boxes(boxes: torch.Tensor) -> torch.Tensor:
     area = boxes.flatten(1).sum(1)
     owner = torch.where(boxes > 0, area[:, None, None], torch.inf).argmin(0)
     return boxes * (owner[None] == torch.arange(len(boxes))[:, None, None])
-
-
-def combine_refined(custom: torch.Tensor, base: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
-    """Union of each concept's custom- and base-branch masks (K, N); where two concepts claim a
-    position the previous masks stand (Algorithm 1's last step)."""
-    combined = torch.maximum(custom, base)
-    overlap = combined.sum(0) > 1
-    combined[:, overlap] = previous[:, overlap]
-    return combined
 
 
 class ConductorBatch:
@@ -125,16 +116,27 @@ class ConductorBatch:
         latent = self.resolution // 2 ** (len(self.core.pipeline.vae.config.block_out_channels) - 1)
         return latent // 2 ** (n_blocks - 1 - layer.block_index)
 
+    def _sides(self) -> list[int]:
+        """Map sides of the decoder's attention layers and of the mask layer (the fusion masks' resolutions)."""
+        n_blocks = len(self.core.unet.config.block_out_channels)
+        latent = self.resolution // 2 ** (len(self.core.pipeline.vae.config.block_out_channels) - 1)
+        blocks = {layer.block_index for layer in self.core.controller.layers if layer.block == "up_blocks"}
+        return sorted({latent // 2 ** (n_blocks - 1 - b) for b in blocks} | {self._mask_side()})
+
     def _initial_masks(self, side: int) -> None:
+        self.side = side
         self.boxes: dict[int, torch.Tensor] = {}
         self.custom_masks, self.base_masks = {}, {}
         for i, (request, names) in enumerate(zip(self.requests, self.image_concepts)):
             boxes = (disjoint_boxes(box_masks(resolve_boxes(names, request.boxes), side)) if names
                      else torch.zeros(0, side, side))
             self.boxes[i] = boxes.flatten(1)
-            self.custom_masks[i] = self.boxes[i].clone()
-            self.base_masks[i] = self.boxes[i].clone()
-            self.hooks.set_masks(i, boxes)
+            self._set_initial(i, self.boxes[i])
+
+    def _set_initial(self, image: int, masks: torch.Tensor) -> None:
+        """(K, side*side) initial masks: each source's previous choice and the fusion masks."""
+        self.custom_masks[image], self.base_masks[image] = masks.clone(), masks.clone()
+        self.hooks.set_masks(image, masks.reshape(-1, self.side, self.side), self._sides())
 
     def plain_base(self) -> torch.Tensor:
         """Plain sampling of the base prompts (no adapter, no hook): final latents."""
@@ -168,11 +170,9 @@ class ConductorBatch:
             if not names or probs is None:
                 continue
             boxes = self.boxes[i]
-            masks = refine_masks(probs, boxes, boxes, n_prompts=len(names) + 1,
-                                 overlap_threshold=self.config.overlap_threshold, n_init=self.config.kmeans_inits)
-            self.custom_masks[i], self.base_masks[i] = masks.clone(), masks.clone()
-            side = self.hooks.masks[i].shape[-1]
-            self.hooks.set_masks(i, masks.reshape(-1, side, side))
+            self._set_initial(i, refine_masks(probs, boxes, boxes, n_prompts=len(names) + 1,
+                                              overlap_threshold=self.config.overlap_threshold,
+                                              n_init=self.config.kmeans_inits))
 
     # ------------------------------------------------------------------ the UNet
     def _unet(self, sample: torch.Tensor, timestep, conditioning: torch.Tensor, rows: Sequence[Row]):
@@ -236,25 +236,20 @@ class ConductorBatch:
         return scheduler.step(guided, timestep, latents).prev_sample
 
     def refine(self) -> None:
-        """Algorithm 1 for every image from the probabilities the last call recorded."""
+        """Algorithm 1 (``masks.refine_step``, the reference's semantics) for every image from the
+        probabilities the last call recorded: candidates of k-means with n..2n-1 clusters on each
+        concept branch's and on the base branch's self-attention."""
         config = self.config
         for i, names in enumerate(self.image_concepts):
             if not names:
                 continue
             n_prompts = len(names) + 1
-            custom, base = [], []
-            for k in range(len(names)):
-                kwargs = dict(n_prompts=n_prompts, overlap_threshold=config.overlap_threshold,
-                              n_init=config.kmeans_inits)
-                custom.append(refine_masks(self.hooks.probs[(i, k + 1)], self.custom_masks[i][k:k + 1],
-                                           self.boxes[i][k:k + 1], **kwargs)[0])
-                base.append(refine_masks(self.hooks.probs[(i, 0)], self.base_masks[i][k:k + 1],
-                                         self.boxes[i][k:k + 1], **kwargs)[0])
-            self.custom_masks[i], self.base_masks[i] = torch.stack(custom), torch.stack(base)
-            side = self.hooks.masks[i].shape[-1]
-            previous = self.hooks.masks[i].flatten(1)
-            self.hooks.set_masks(i, combine_refined(self.custom_masks[i], self.base_masks[i], previous)
-                                 .reshape(-1, side, side))
+            customs = [cluster_candidates(self.hooks.probs[(i, k)], n_prompts, config.kmeans_inits)
+                       for k in range(1, len(names) + 1)]
+            base = cluster_candidates(self.hooks.probs[(i, 0)], n_prompts, config.kmeans_inits)
+            self.custom_masks[i], self.base_masks[i], self.hooks.masks[i] = refine_step(
+                customs, base, self.custom_masks[i], self.base_masks[i], self.hooks.masks[i],
+                config.overlap_threshold, (self.side, self.side))
         self.hooks.probs.clear()
 
     # ------------------------------------------------------------------ the loop
@@ -318,8 +313,9 @@ class ConductorBatch:
 
     def masks(self) -> list[dict[str, np.ndarray]]:
         """Per image {concept: (h, w) float32 {0, 1}} at the mask layer's resolution."""
-        return [{name: self.hooks.masks[i][k].numpy().astype(np.float32) for k, name in enumerate(names)}
-                for i, names in enumerate(self.image_concepts)]
+        side = self.side
+        return [{name: self.hooks.masks[i][side][k].reshape(side, side).numpy().astype(np.float32)
+                 for k, name in enumerate(names)} for i, names in enumerate(self.image_concepts)]
 
     def attention_maps(self) -> list[dict[str, np.ndarray]]:
         """Per image {concept: (h, w) in [0, 1]}: its branch's cross-attention at its tokens, summed
