@@ -337,3 +337,47 @@ def test_cones2_layout_sampler_places_the_cones2_concept_at_its_class_word(cones
     generate(catalog, combination, sampler="cones2_layout", force=True)
     listing = yaml.safe_load((Layout(catalog).generated(combination) / "images.json").read_text())
     assert listing["sampler"] == "cones2_layout" and len(listing["images"]) == len(catalog.combinations[0].prompts)
+
+
+def test_gradient_fusion_captures_a_cones2_concept_at_its_class_word_with_its_residual(cones2_project):
+    """Gradient fusion keeps each concept's layers on that concept's own inputs: for a cones2
+    concept those are the class-word prompts, with its residual at the word (run last: it
+    replaces the project's fused model by a gradient-fused one)."""
+    from conceptflow.attention.processor import attention_controller_of
+    from conceptflow.fuse.gradient import TEXT_PROMPTS, _as_word, _ids, capture_cross_attention_kv, capture_text_encoder
+    from conceptflow.fuse.gram import GramRecorder
+    from conceptflow.layout import Layout
+    from conceptflow.stages.fuse import fuse
+
+    catalog, combination = cones2_project
+    pipeline = load_base_pipeline(catalog.base_model_source)
+    tokenizer, text_encoder = pipeline.tokenizer, pipeline.text_encoder
+    concept = read_concept(Layout(catalog).adapter(PAIR[0]), pipeline)
+    residual = concept.text_residuals[0].vector.double()
+    star, eos = tokenizer("star", add_special_tokens=False).input_ids[0], tokenizer.eos_token_id
+    cross = attention_controller_of(pipeline.unet).cross_layers[0]
+    kv_path, text_path = f"unet.{cross.name}.to_k", "text_encoder.text_model.encoder.layers.0.self_attn.q_proj"
+    with torch.no_grad():
+        with _as_word(pipeline, concept):
+            kv = capture_cross_attention_kv(pipeline, PAIR[0], [kv_path])[kv_path]
+            text = capture_text_encoder(pipeline, PAIR[0], 2, [text_path])[text_path]
+        expected_kv = 0
+        for template in TEXT_PROMPTS:
+            ids = _ids(tokenizer, template.format("star"))
+            hidden = text_encoder(ids)[0][0].double()
+            hidden[ids[0] == star] += residual
+            keep = (ids[0] == star) | (ids[0] == eos)
+            expected_kv = expected_kv + hidden[keep].T @ hidden[keep]
+        with GramRecorder({text_path: text_encoder.get_submodule(text_path.removeprefix("text_encoder."))}) as recorder:
+            for _ in range(2):
+                for template in TEXT_PROMPTS:
+                    text_encoder(_ids(tokenizer, template.format("star")))
+    torch.testing.assert_close(kv, expected_kv, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(text, recorder.grams[text_path], rtol=1e-6, atol=1e-6)
+    assert prompt_words(tokenizer) == {}
+
+    gradient = catalog.model_copy(update={"fuse": type(catalog.fuse).model_validate({"method": "gradient"})})
+    manifest, ran = fuse(gradient, combination, force=True)
+    assert ran
+    tensors, meta = read_adapter(Layout(catalog).fused(combination))
+    assert meta["method"] == "gradient" and meta["runtime_parts"][0]["prompt_word"] == "star"
