@@ -277,6 +277,16 @@ class Catalog(StrictModel):
                     f"combination {combination.name!r} names unknown concepts {sorted(unknown)}; "
                     f"known: {names}"
                 )
+            as_word: dict[str, list[str]] = {}  # concepts written as their class word (Cones 2), by word
+            for concept in self.concepts:
+                if concept.name in combination.concepts and getattr(concept.train, "written_as_class_word", False):
+                    as_word.setdefault(concept.class_word, []).append(concept.name)
+            for word, clash in as_word.items():
+                if len(clash) > 1:
+                    problems.append(
+                        f"combination {combination.name!r} has concepts {clash} that are all written as their "
+                        f"class word {word!r} (train.method cones2: a residual at the class word): their residuals "
+                        "would add at the same word; put them in different combinations or give one another class word")
             for prompt in combination.prompts:
                 referenced = set(CONCEPT_REFERENCE.findall(prompt))
                 if not referenced <= set(combination.concepts):

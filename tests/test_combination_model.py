@@ -181,3 +181,29 @@ def test_evaluate_scores_the_attention_entropy_change_per_concept(fused_project)
     evaluate(off, combination, force=True)
     scores = json.loads((Layout(catalog).metrics(combination) / "metrics.json").read_text())
     assert "attention_entropy_change" not in scores["overall"]
+
+
+@pytest.mark.parametrize("sampler", [name for name in SAMPLERS if name != "fused"])
+def test_every_sampler_runs_through_the_generate_stage(fused_project, sampler):
+    """A one-line change (``generate --sampler``): images, the plain fused images beside, the
+    concepts' attention maps (and the masks of a sampler that has them) on disk and in the report."""
+    import json
+
+    from conceptflow.layout import Layout
+    from conceptflow.report import write_report
+    from conceptflow.stages.generate import generate
+
+    catalog, combination = fused_project
+    settings = {"sampler": sampler, "steps": 4, "batch_size": 2}
+    catalog = catalog.model_copy(update={"generate": type(catalog.generate).model_validate(settings)})
+    generate(catalog, combination, sampler=sampler, force=True)
+    folder = Layout(catalog).generated(combination)
+    listing = json.loads((folder / "images.json").read_text())
+    combination_entry = catalog.combination(combination)
+    assert listing["sampler"] == sampler
+    assert len(listing["images"]) == len(combination_entry.prompts) * len(combination_entry.seeds)
+    row = listing["images"][0]
+    assert (folder / row["file"]).is_file() and (folder / row["plain_file"]).is_file()
+    assert set(row.get("attention", {})) | set(row.get("masks", {})) == set(PAIR)
+    report = write_report(catalog, folder.parent / f"report-{sampler}.html").read_text()
+    assert f"Generated ({sampler})" in report

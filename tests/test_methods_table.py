@@ -8,6 +8,8 @@ pipeline and fuses them by gradient fusion.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -17,6 +19,7 @@ from PIL import Image
 from conceptflow.adapters.concept_io import get_linear, read_adapter
 from conceptflow.adapters.merge import apply_concepts, base_weights
 from conceptflow.config import load_catalog
+from conceptflow.errors import ConceptflowError
 from conceptflow.layout import Layout
 from conceptflow.methods import METHODS, read_concept
 from conceptflow.models.loading import load_base_pipeline
@@ -79,8 +82,12 @@ def test_method_trains_saves_loads_merges_and_fuses(method, tmp_path, tiny_sd_pa
         for path, delta in concept.deltas.items():
             assert delta.shape == base[path].shape and torch.isfinite(delta).all()
 
-    # merge: the tokens land in the text encoder, the updates in the weights
-    apply_concepts(pipeline, effects, scale=1.0)
+    # merge: the tokens land in the text encoder, the updates in the weights; run-time channels
+    # (ToVA's token deltas) cannot be merged: merge refuses them, and merges the rest
+    if not all(e.mergeable for e in effects):
+        with pytest.raises(ConceptflowError, match="act at run time"):
+            apply_concepts(pipeline, effects, scale=1.0)
+    apply_concepts(pipeline, [dataclasses.replace(e, token_deltas={}, text_residuals=[]) for e in effects], scale=1.0)
     table = pipeline.text_encoder.get_input_embeddings().weight
     for concept in effects:
         for token, row in concept.embeddings.items():
@@ -94,6 +101,14 @@ def test_method_trains_saves_loads_merges_and_fuses(method, tmp_path, tiny_sd_pa
     assert ran
     fused_tensors, fused_meta = read_adapter(layout.fused("redbox+bluebox"))
     assert fused_meta["kind"] == "fused" and set(fused_meta["concepts"]) == {"redbox", "bluebox"}
-    assert {k.removeprefix("weight.") for k in fused_tensors if k.startswith("weight.")} == set(base)
+    assert {k.removeprefix("weight.") for k in fused_tensors if k.startswith("weight.")} == {
+        path for e in effects for path in e.deltas}
     fused = read_concept(layout.fused("redbox+bluebox"), load_base_pipeline("embedded:tiny-sd"))
     assert set(fused.embeddings) == set(effects[0].embeddings) | set(effects[1].embeddings)
+    # run-time channels are carried to run time unfused, each concept's at its own tokens
+    carried = {(part.name, path): td for part in fused.parts for path, td in part.token_deltas.items()}
+    assert carried.keys() == {(e.name, path) for e in effects for path in e.token_deltas}
+    for e in effects:
+        for path, token_delta in e.token_deltas.items():
+            assert carried[(e.name, path)].tokens == token_delta.tokens
+            torch.testing.assert_close(carried[(e.name, path)].delta, catalog.fuse.adapter_scale * token_delta.delta)

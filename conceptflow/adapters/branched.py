@@ -20,7 +20,10 @@ applies per sample:
   tokens of the prompt as rows: cross-attention ``to_k``/``to_v`` in the UNet, or any linear
   of the text encoder.
 * ``text_residuals``: ``vector`` added to the text encoder's last hidden state at the
-  positions of ``token`` (pooled output and ``hidden_states`` are left alone).
+  positions of ``token`` (pooled output and ``hidden_states`` are left alone). A concept whose
+  ``meta["prompt_word"]`` is set (Cones 2: its class word) has no tokens: inside the block its
+  ``<name>`` expands to that word (``tokens.set_prompt_words``, restored on exit); two such
+  concepts of one word in one branch are refused.
 * ``embeddings``: token rows are global (concepts' tokens have distinct names), so all
   branches' rows are written into the table once with ``tokens.write_embeddings``.
 
@@ -75,7 +78,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from conceptflow.adapters.concept_io import get_linear
-from conceptflow.adapters.tokens import write_embeddings
+from conceptflow.adapters.tokens import prompt_words, set_prompt_words, write_embeddings
 from conceptflow.errors import ConceptflowError
 
 if TYPE_CHECKING:
@@ -144,6 +147,27 @@ def _pooled_embeddings(branches) -> dict[str, torch.Tensor]:
     return embeddings
 
 
+def _word_concepts(branches) -> dict[str, str]:
+    """{concept: word} of the concepts written in prompts as a word (``meta["prompt_word"]``;
+    Cones 2: ``<name>`` becomes the class word its residual is at). Two such concepts of one word
+    in one branch are refused: their residuals would add at the same positions."""
+    words: dict[str, str] = {}
+    for concepts in branches:
+        by_word: dict[str, str] = {}
+        for concept in concepts:
+            word = concept.meta.get("prompt_word")
+            if not word:
+                continue
+            if word in by_word and by_word[word] != concept.name:
+                raise ConceptflowError(
+                    f"concepts {by_word[word]!r} and {concept.name!r} are both written as the word {word!r} "
+                    "(text residuals at their class word) in one prompt or combination: their residuals would add "
+                    "at the same positions; put them in different combinations, or retrain one with another class word")
+            by_word[word] = concept.name
+            words[concept.name] = word
+    return words
+
+
 class BranchedConcepts:
     """The handle of an active ``branched_concepts`` block (see the module docstring)."""
 
@@ -163,6 +187,7 @@ class BranchedConcepts:
         self._group_cache: dict[tuple, dict[int, torch.Tensor | None]] = {}
         self._handles: list = []
         self._restore_rows: dict[int, torch.Tensor] = {}
+        self._restore_words: dict[str, str] | None = None
         self._plans: dict[str, _LinearPlan] = {}
         self._residuals: list[tuple[int, int, torch.Tensor]] = []  # (branch, token id, vector)
         self._needs_unet_ids = False  # some UNet linear has a token-position update
@@ -195,6 +220,9 @@ class BranchedConcepts:
         write_embeddings(tokenizer, text_encoder, embeddings)
         vocab = tokenizer.get_vocab()
         self._compile(vocab)
+        words = _word_concepts(self._branches)
+        if words:
+            self._restore_words = set_prompt_words(tokenizer, {**prompt_words(tokenizer), **words})
         self._install()
 
     def _linear(self, path: str) -> nn.Linear:
@@ -264,6 +292,9 @@ class BranchedConcepts:
         self._records.clear()
         self._match_cache = None
         self._calls = {model: None for model in MODELS}
+        if self._restore_words is not None:
+            set_prompt_words(self.pipeline.tokenizer, self._restore_words)
+            self._restore_words = None
         if self._restore_rows:
             table = self.pipeline.text_encoder.get_input_embeddings().weight
             with torch.no_grad():

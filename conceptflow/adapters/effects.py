@@ -13,7 +13,8 @@ channels, each used by some of the seed methods:
   whose text token is one of the concept's (ConceptSplit ToVA: a value LoRA at the token).
   These cannot be merged into the weights: they apply at run time.
 * ``text_residuals``: a vector added to the text encoder's output at the positions of a token
-  (Cones 2's residual embedding at the class word). Also run-time only.
+  (Cones 2's residual embedding at the class word). Also run-time only. A concept whose
+  ``meta["prompt_word"]`` is set has no tokens of its own: its ``<name>`` is written as that word.
 * ``weights``: full new weights per linear (a fused model stores these instead of deltas).
 
 A fused model may also carry ``parts``: the run-time channels of the concepts it was fused
@@ -79,8 +80,10 @@ class ConceptEffects:
         """This concept's run-time channels alone (what a fused model carries of it), or None."""
         if not self.has_runtime_channels:
             return None
-        return ConceptEffects({"name": self.name, "method": self.meta.get("method")},
-                              token_deltas=dict(self.token_deltas), text_residuals=list(self.text_residuals))
+        meta = {"name": self.name, "method": self.meta.get("method")}
+        if self.meta.get("prompt_word"):  # written in prompts as this word (Cones 2's class word)
+            meta["prompt_word"] = self.meta["prompt_word"]
+        return ConceptEffects(meta, token_deltas=dict(self.token_deltas), text_residuals=list(self.text_residuals))
 
     def with_parts(self) -> list["ConceptEffects"]:
         """This concept and its parts, flat, for run-time application."""

@@ -78,6 +78,8 @@ def fused_runtime_tensors(concepts: list[ConceptEffects], scale: float) -> tuple
         parts.append({"name": part.name, "method": part.meta.get("method"),
                       "token_deltas": {path: list(td.tokens) for path, td in part.token_deltas.items()},
                       "text_residuals": [residual.token for residual in part.text_residuals]})
+        if part.meta.get("prompt_word"):
+            parts[-1]["prompt_word"] = part.meta["prompt_word"]
     return tensors, parts
 
 
@@ -92,8 +94,10 @@ def read_fused(tensors: Mapping[str, torch.Tensor], meta: dict) -> ConceptEffect
                         for path, tokens in part["token_deltas"].items()}
         residuals = [TextResidual(token, tensors[f"{prefix}text_residual.{j}"])
                      for j, token in enumerate(part["text_residuals"])]
-        parts.append(ConceptEffects({"name": part["name"], "method": part.get("method")},
-                                    token_deltas=token_deltas, text_residuals=residuals))
+        part_meta = {"name": part["name"], "method": part.get("method")}
+        if part.get("prompt_word"):
+            part_meta["prompt_word"] = part["prompt_word"]
+        parts.append(ConceptEffects(part_meta, token_deltas=token_deltas, text_residuals=residuals))
     return ConceptEffects(meta, embeddings, weights=weights, parts=parts)
 
 

@@ -10,6 +10,7 @@ cross-attention layer.
 from __future__ import annotations
 
 import re
+import weakref
 from typing import Iterable, Mapping, Sequence
 
 import torch
@@ -28,12 +29,34 @@ def concept_token_strings(concept_name: str, n_layers: int) -> list[str]:
     return [layer_token(concept_name, part, layer) for layer in range(n_layers) for part in (1, 2)]
 
 
-def expand_prompt(prompt: str, layer: int, known_concepts: Iterable[str]) -> str:
-    """Replace each ``<name>`` of a known concept by its two layer-``layer`` tokens."""
+# {concept: word} per tokenizer for the concepts applied to it that have no tokens of their own and
+# are written as a word (Cones 2: its class word, where its residual is added); set while
+# ``adapters.branched`` applies them (``set_prompt_words``), read by ``encode_layerwise``.
+_PROMPT_WORDS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def prompt_words(tokenizer) -> dict[str, str]:
+    """The ``<name>`` -> word substitutions active on ``tokenizer`` (empty when none)."""
+    return dict(_PROMPT_WORDS.get(tokenizer, {}))
+
+
+def set_prompt_words(tokenizer, words: Mapping[str, str]) -> dict[str, str]:
+    """Make ``words`` the substitutions of ``tokenizer``; returns the previous ones (to restore)."""
+    previous = prompt_words(tokenizer)
+    _PROMPT_WORDS[tokenizer] = dict(words)
+    return previous
+
+
+def expand_prompt(prompt: str, layer: int, known_concepts: Iterable[str], words: Mapping[str, str] | None = None) -> str:
+    """Replace each ``<name>`` of a known concept by its two layer-``layer`` tokens, or, for a
+    concept written as a word (``words``, e.g. ``prompt_words(tokenizer)``), by that word."""
     known = set(known_concepts)
+    words = words or {}
 
     def substitute(match: re.Match) -> str:
         name = match.group(1)
+        if name in words:
+            return words[name]
         if name not in known:
             raise ConceptflowError(
                 f"prompt {prompt!r} references <{name}>, which is not a loaded concept; loaded: {sorted(known)}. "
@@ -134,7 +157,8 @@ def encode_layerwise(prompts: Sequence[str], tokenizer, text_encoder, n_layers: 
                         truncation=True, return_tensors="pt").input_ids.to(device)
         hidden = text_encoder(ids)[0]
         return hidden.unsqueeze(1).expand(-1, n_layers, -1, -1)
-    variants = [expand_prompt(p, layer, known) for p in prompts for layer in range(n_layers)]
+    words = prompt_words(tokenizer)
+    variants = [expand_prompt(p, layer, known, words) for p in prompts for layer in range(n_layers)]
     ids = tokenizer(variants, padding="max_length", max_length=tokenizer.model_max_length,
                     truncation=True, return_tensors="pt").input_ids.to(device)
     hidden = text_encoder(ids)[0]

@@ -16,14 +16,16 @@ anchored at W0 (or the L-BFGS reference, a setting).
 
 from __future__ import annotations
 
+import contextlib
 from typing import Mapping, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
+from conceptflow.adapters.branched import runtime_concepts
 from conceptflow.adapters.concept_io import get_linear, set_weights
 from conceptflow.adapters.effects import ConceptEffects
-from conceptflow.adapters.tokens import expand_prompt, layer_token, write_embeddings
+from conceptflow.adapters.tokens import expand_prompt, layer_token, prompt_words, write_embeddings
 from conceptflow.attention.processor import attention_controller_of
 from conceptflow.fuse.gram import GramRecorder
 from conceptflow.fuse.solvers import (
@@ -60,7 +62,8 @@ def capture_text_encoder(pipeline, concept_name: str, n_layers: int, paths: Sequ
     with GramRecorder(modules) as recorder:
         for layer in range(n_layers):
             for template in TEXT_PROMPTS:
-                prompt = expand_prompt(template.format(f"<{concept_name}>"), layer, [concept_name])
+                prompt = expand_prompt(template.format(f"<{concept_name}>"), layer, [concept_name],
+                                       prompt_words(pipeline.tokenizer))
                 pipeline.text_encoder(_ids(pipeline.tokenizer, prompt).to(pipeline.text_encoder.device))
     return recorder.grams
 
@@ -75,11 +78,14 @@ def capture_cross_attention_kv(pipeline, concept_name: str, paths: Sequence[str]
         targets = [p for p in (f"unet.{layer.name}.to_k", f"unet.{layer.name}.to_v") if p in wanted]
         if not targets:
             continue
-        token_ids = set(pipeline.tokenizer.convert_tokens_to_ids(
-            [layer_token(concept_name, 1, layer.index), layer_token(concept_name, 2, layer.index)]))
+        words = prompt_words(pipeline.tokenizer)  # a concept written as a word (Cones 2): its word's token
+        token_ids = set(pipeline.tokenizer(words[concept_name], add_special_tokens=False).input_ids
+                        if concept_name in words else pipeline.tokenizer.convert_tokens_to_ids(
+                            [layer_token(concept_name, 1, layer.index), layer_token(concept_name, 2, layer.index)]))
         gram = None
         for template in TEXT_PROMPTS:
-            ids = _ids(pipeline.tokenizer, expand_prompt(template.format(f"<{concept_name}>"), layer.index, [concept_name]))
+            ids = _ids(pipeline.tokenizer, expand_prompt(template.format(f"<{concept_name}>"), layer.index, [concept_name],
+                                                         words))
             hidden = pipeline.text_encoder(ids.to(pipeline.text_encoder.device))[0][0].double()
             keep = [i for i, t in enumerate(ids[0].tolist()) if t in token_ids or t == pipeline.tokenizer.eos_token_id]
             selected = hidden[keep]
@@ -124,6 +130,14 @@ def _solve(base: Mapping[str, torch.Tensor], concepts: Sequence[ConceptEffects],
     return fused, {"objective": objective_fused, "objective_at_base": objective_base}
 
 
+def _as_word(pipeline, concept: ConceptEffects):
+    """A concept written as a word (``meta["prompt_word"]``, Cones 2) is captured as it samples:
+    ``<name>`` is its word and its text residuals are added (``runtime_concepts``); others as they are."""
+    if not concept.meta.get("prompt_word"):
+        return contextlib.nullcontext()
+    return runtime_concepts(pipeline, [ConceptEffects(dict(concept.meta), text_residuals=list(concept.text_residuals))])
+
+
 def gradient_fuse(pipeline, catalog, combination, concepts: list[ConceptEffects],
                   base: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """Fused weights for every layer any concept adapts, and the objectives reached."""
@@ -146,7 +160,8 @@ def gradient_fuse(pipeline, catalog, combination, concepts: list[ConceptEffects]
     text_grams = []
     for concept, name in zip(concepts, names):
         _load_concept_weights(pipeline, base, concept, scale, paths)
-        text_grams.append(capture_text_encoder(pipeline, name, n_layers, text_paths))
+        with _as_word(pipeline, concept):
+            text_grams.append(capture_text_encoder(pipeline, name, n_layers, text_paths))
         progress.update()
     text_fused, text_metrics = _solve(base, concepts, text_grams, text_paths, scale, solver, TEXT_AND_KV_ITERATIONS)
     fused.update(text_fused)
@@ -154,8 +169,9 @@ def gradient_fuse(pipeline, catalog, combination, concepts: list[ConceptEffects]
     _load_concept_weights(pipeline, base, None, scale, paths)
     set_weights(pipeline, text_fused)  # K/V inputs come from the fused text encoder
     kv_grams = []
-    for name in names:
-        kv_grams.append(capture_cross_attention_kv(pipeline, name, kv_paths))
+    for concept, name in zip(concepts, names):
+        with _as_word(pipeline, concept):
+            kv_grams.append(capture_cross_attention_kv(pipeline, name, kv_paths))
         progress.update()
     kv_fused, kv_metrics = _solve(base, concepts, kv_grams, kv_paths, scale, solver, TEXT_AND_KV_ITERATIONS)
     fused.update(kv_fused)
@@ -163,7 +179,8 @@ def gradient_fuse(pipeline, catalog, combination, concepts: list[ConceptEffects]
     unet_grams = []
     for concept, name in zip(concepts, names):
         _load_concept_weights(pipeline, base, concept, scale, paths)
-        unet_grams.append(capture_unet(pipeline, name, rest_paths, catalog.resolution, catalog.seed))
+        with _as_word(pipeline, concept):
+            unet_grams.append(capture_unet(pipeline, name, rest_paths, catalog.resolution, catalog.seed))
         progress.update()
     rest_fused, rest_metrics = _solve(base, concepts, unet_grams, rest_paths, scale, solver, SPATIAL_ITERATIONS)
     fused.update(rest_fused)

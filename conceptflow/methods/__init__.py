@@ -14,10 +14,10 @@ from conceptflow.adapters.concept_io import EMBEDDING_PREFIX, read_adapter, spli
 from conceptflow.adapters.effects import ConceptEffects
 from conceptflow.adapters.merge import read_fused
 from conceptflow.errors import ConceptflowError
-from conceptflow.methods import conceptflow_s, edlora, textual_inversion
+from conceptflow.methods import conceptflow_s, cones2, edlora, textual_inversion, tova
 from conceptflow.methods.base import ConceptTrainConfig, ConceptTrainer, MethodSpec
 
-_BUILT_IN = (edlora.SPEC, conceptflow_s.SPEC, textual_inversion.SPEC)
+_BUILT_IN = (edlora.SPEC, conceptflow_s.SPEC, textual_inversion.SPEC, tova.SPEC, cones2.SPEC)
 
 METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in _BUILT_IN}
 

@@ -130,12 +130,12 @@ class SamplingCore:
         return scheduler.step(noise, timestep, latents).prev_sample
 
     def denoise(self, latents: torch.Tensor, text: torch.Tensor, steps: int, uncond: torch.Tensor | None = None,
-                guidance_scale: float | None = None, hooks: Iterable[AttentionHook] = (),
+                guidance_scale: float | Callable[[int], float] | None = None, hooks: Iterable[AttentionHook] = (),
                 guide: Guide | None = None) -> torch.Tensor:
         """``steps`` DPM-Solver++ steps from unit-variance ``latents``; returns the final latents.
 
         Classifier-free guidance runs when ``uncond`` and ``guidance_scale`` are both given, none
-        when both are None.
+        when both are None; ``guidance_scale`` may be a function of the step index (a per-step scale).
         """
         if (uncond is None) != (guidance_scale is None):
             raise ValueError("classifier-free guidance needs both uncond and guidance_scale (or neither)")
@@ -146,7 +146,8 @@ class SamplingCore:
             for step_index, timestep in enumerate(scheduler.timesteps):
                 if guide is not None:
                     latents = guide(latents, timestep, step_index)
-                latents = self.predict_and_step(scheduler, latents, timestep, conditioning, guidance_scale)
+                scale = guidance_scale(step_index) if callable(guidance_scale) else guidance_scale
+                latents = self.predict_and_step(scheduler, latents, timestep, conditioning, scale)
         return latents
 
     @torch.no_grad()

@@ -27,6 +27,9 @@ from pydantic import BaseModel
 
 from conceptflow.errors import ConceptflowError
 from conceptflow.sample.conceptflow_m.config import ConceptFlowMConfig
+from conceptflow.sample.conductor.config import ConductorConfig
+from conceptflow.sample.cones2_layout.config import Cones2LayoutConfig
+from conceptflow.sample.loda.config import LodaConfig
 
 
 @dataclass
@@ -75,6 +78,13 @@ _BUILT_IN = (
                 "DPM-Solver++ with classifier-free guidance, no hook"),
     SamplerSpec("conceptflow_m", ConceptFlowMConfig, 50, "conceptflow.sample.conceptflow_m.pipeline:sample",
                 "ConceptFlow-M: SAMA reference branches + layout-consistency guidance (50 steps, A.2.2)"),
+    SamplerSpec("conductor", ConductorConfig, 50, "conceptflow.sample.conductor.pipeline:sample",
+                "Concept Conductor: separate concept branches in one batched call, layout alignment, "
+                "attention injection with refined masks", uses_adapters=True),
+    SamplerSpec("cones2_layout", Cones2LayoutConfig, 50, "conceptflow.sample.cones2_layout.pipeline:sample",
+                "Cones 2 layout guidance: cross-attention score bias inside each concept's box (50 steps, all guided)"),
+    SamplerSpec("loda", LodaConfig, 50, "conceptflow.sample.loda.pipeline:sample",
+                "ConceptSplit LODA: latent steps separating the concepts' cross-attention maps (first 10 steps)"),
 )
 
 SAMPLERS: dict[str, SamplerSpec] = {spec.name: spec for spec in _BUILT_IN}

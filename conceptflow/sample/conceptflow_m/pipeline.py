@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from conceptflow.adapters.tokens import expand_prompt, layer_token
+from conceptflow.adapters.tokens import expand_prompt, layer_token, prompt_words
 from conceptflow.attention.processor import AttentionHook, CrossAttentionMapRecorder
 from conceptflow.sample.conceptflow_m.config import ConceptFlowMConfig
 from conceptflow.sample.conceptflow_m.layout_guidance import LayoutGuidance, layout_layer_names
@@ -74,13 +74,16 @@ def concept_token_positions(prompts: Sequence[str], tokenizer, concepts: Sequenc
     (``tokens.token_positions`` expands only one concept and so refuses multi-concept prompts).
     """
     positions = torch.zeros(len(prompts), 2 * len(concepts), dtype=torch.long)
+    words = prompt_words(tokenizer)  # concepts written as a word (Cones 2): both slots at that word
     for i, prompt in enumerate(prompts):
-        ids = tokenizer(expand_prompt(prompt, 0, concepts), padding="max_length",
+        ids = tokenizer(expand_prompt(prompt, 0, concepts, words), padding="max_length",
                         max_length=tokenizer.model_max_length, truncation=True).input_ids
         for k, name in enumerate(concepts):
             if valid[i, k]:
                 for part in (1, 2):  # the first mention's tokens
-                    positions[i, 2 * k + part - 1] = ids.index(tokenizer.convert_tokens_to_ids(layer_token(name, part, 0)))
+                    token_id = (tokenizer(words[name], add_special_tokens=False).input_ids[0] if name in words
+                                else tokenizer.convert_tokens_to_ids(layer_token(name, part, 0)))
+                    positions[i, 2 * k + part - 1] = ids.index(token_id)
     return positions
 
 

@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from conceptflow.adapters.tokens import expand_prompt
+from conceptflow.adapters.tokens import expand_prompt, prompt_words
 from conceptflow.attention.processor import AttentionHook, AttentionLayer, CrossAttentionMapRecorder
 from conceptflow.sample.boxes import Box, box_masks, resolve_boxes
 from conceptflow.sample.conceptflow_m.pipeline import concept_token_positions, named_concepts
@@ -49,7 +49,7 @@ def image_boxes(request: SampleRequest, concepts: Sequence[str]) -> dict[str, Bo
 
 def prompt_lengths(prompts: Sequence[str], tokenizer, concepts: Sequence[str]) -> list[int]:
     """Each prompt's token count with BOS and EOS (at most the tokenizer's 77): its unpadded text length."""
-    return [len(tokenizer(expand_prompt(prompt, 0, concepts), truncation=True,
+    return [len(tokenizer(expand_prompt(prompt, 0, concepts, prompt_words(tokenizer)), truncation=True,
                           max_length=tokenizer.model_max_length).input_ids) for prompt in prompts]
 
 
