@@ -33,6 +33,13 @@ ROOT = Path(__file__).resolve().parents[1]
 BASE = "embedded:sd15-shaped"
 CONCEPTS = ("zigzag_star", "quartered_heart", "target_circle", "cross_emblem")
 PAIR, QUAD = "+".join(CONCEPTS[:2]), "+".join(CONCEPTS)
+EXTRA_CONCEPTS = ("split_star", "eye_heart", "flag_circle", "target_star")  # trained only: one per method beyond 4
+
+
+def trained_concepts(n_methods: int) -> tuple[str, ...]:
+    """The concepts trained: the four fused ones and, when more methods are registered, one more
+    toy concept per extra method (each method trains at least one concept)."""
+    return CONCEPTS + EXTRA_CONCEPTS[:max(0, n_methods - len(CONCEPTS))]
 MB = 1024**2
 
 # What the references report, for the adapter-size column (the tensors are saved in float32 here).
@@ -40,6 +47,9 @@ REFERENCE_SIZES = {
     "edlora": "LoRA rank 4 on SD 1.5 UNet + text-encoder attention: ~3 MB (1.09 M params; kohya fp16 ~2.2 MB)",
     "conceptflow_s": "Cones 2 residual: a few KB (for comparison; no published SD 1.5 KronA-WED size)",
     "textual_inversion": "textual inversion: 768 floats = 3 KB per token; P+ (16 layers x 2 tokens): 98 KB",
+    "tova": "ToVA value LoRA rank 32 on the 16 cross-attention to_v: 0.79 M params, 3.2 MB in float32 (computed; "
+            "ConceptSplit publishes no size)",
+    "cones2": "Cones 2 residual embedding: 768 floats, 3 KB (the paper: 5 KB per residual)",
 }
 
 
@@ -106,11 +116,15 @@ def run_worker(args) -> None:
         gradient.gradient_fuse = _timed(gradient.gradient_fuse, times, "fusion")
         extra["gram"] = gram_total
     if args.worker == "generate":
-        from conceptflow.sample import registry
-        from conceptflow.sample.conceptflow_m import pipeline as conceptflow_m
+        import importlib
+
+        from conceptflow.sample import SAMPLERS, registry
 
         registry.SamplerSpec.sample = _timed(registry.SamplerSpec.sample, times, "sampling")
-        conceptflow_m.sample_images = _timed(conceptflow_m.sample_images, times, "plain_sampling")
+        for spec in SAMPLERS.values():  # an entry point's own plain comparison, timed apart
+            module = importlib.import_module(spec.entry_point.partition(":")[0])
+            if spec.name != "fused" and hasattr(module, "sample_images"):
+                module.sample_images = _timed(module.sample_images, times, "plain_sampling")
 
     items = args.item.split(",")
     started = time.perf_counter()
@@ -146,12 +160,13 @@ def write_catalog(folder: Path, resolution: int, args) -> Path:
     from conceptflow.methods.base import ConceptTrainConfig
     from conceptflow.toy.concepts import write_toy_catalog
 
-    path = write_toy_catalog(folder, list(CONCEPTS), images_per_concept=3, base_model=BASE,
+    methods = list(METHODS)
+    trained = trained_concepts(len(methods))
+    path = write_toy_catalog(folder, list(trained), images_per_concept=3, base_model=BASE,
                              combinations={PAIR: CONCEPTS[:2], QUAD: CONCEPTS}, prompt_seeds=(0,))
     catalog = yaml.safe_load(path.read_text())
-    methods = list(METHODS)
     fields = ConceptTrainConfig.model_fields
-    for index, name in enumerate(CONCEPTS):
+    for index, name in enumerate(trained):
         train = {"method": methods[index % len(methods)], "steps": args.steps, "batch_size": 1,
                  "checkpoint_every": 10_000, "log_every": 1}
         if "mixed_precision" in fields:
@@ -209,7 +224,7 @@ def describe(stage_name: str, label: str, result: dict, method: str | None = Non
         images = result["images"]
         plain = result.get("plain_sampling", 0.0)
         if plain:
-            parts.append(f"{(result['sampling'] - plain) / images:.1f} s/image ConceptFlow-M "
+            parts.append(f"{(result['sampling'] - plain) / images:.1f} s/image sampler "
                          f"(+ {plain / images:.1f} s/image for its plain comparison)")
         else:
             parts.append(f"{result['sampling'] / images:.1f} s/image")
@@ -306,10 +321,11 @@ def main() -> None:
     methods = list(METHODS)
     for resolution in resolutions:
         catalog = write_catalog(workdir / f"{resolution}px", resolution, args)
-        plan = [("ingest", ",".join(CONCEPTS), "4 concepts", None, None),
-                ("mask", ",".join(CONCEPTS), "4 concepts", None, None)]
+        trained = trained_concepts(len(methods))
+        plan = [("ingest", ",".join(trained), f"{len(trained)} concepts", None, None),
+                ("mask", ",".join(trained), f"{len(trained)} concepts", None, None)]
         plan += [("train", name, f"{name} ({methods[i % len(methods)]})", None, methods[i % len(methods)])
-                 for i, name in enumerate(CONCEPTS)]
+                 for i, name in enumerate(trained)]
         plan += [("fuse", PAIR, "2 concepts", None, None), ("fuse", QUAD, "4 concepts", None, None)]
         plan += [("generate", PAIR, f"sampler {name}", name, None) for name in SAMPLERS]
         plan += [("evaluate", PAIR, "2 concepts", None, None)]
@@ -317,7 +333,7 @@ def main() -> None:
             only = set(args.only.split(","))
             plan = [entry for entry in plan if entry[0] in only | {"ingest", "mask"}]
             if "fuse" not in only:
-                plan = [entry for entry in plan if entry[0] != "train" or entry[1] in CONCEPTS[:len(methods)]]
+                plan = [entry for entry in plan if entry[0] != "train" or entry[1] in trained[:len(methods)]]
         for stage_name, items, label, sampler, method in plan:
             result, error = run_stage_subprocess(stage_name, catalog, items, args, sampler)
             loads.append(os.getloadavg()[0])
