@@ -344,7 +344,7 @@ def test_gradient_fusion_captures_a_cones2_concept_at_its_class_word_with_its_re
     concept those are the class-word prompts, with its residual at the word (run last: it
     replaces the project's fused model by a gradient-fused one)."""
     from conceptflow.attention.processor import attention_controller_of
-    from conceptflow.fuse.gradient import TEXT_PROMPTS, _as_word, _ids, capture_cross_attention_kv, capture_text_encoder
+    from conceptflow.fuse.gradient import TEXT_PROMPTS, _ids, _runtime_channels, capture_cross_attention_kv, capture_text_encoder
     from conceptflow.fuse.gram import GramRecorder
     from conceptflow.layout import Layout
     from conceptflow.stages.fuse import fuse
@@ -358,7 +358,7 @@ def test_gradient_fusion_captures_a_cones2_concept_at_its_class_word_with_its_re
     cross = attention_controller_of(pipeline.unet).cross_layers[0]
     kv_path, text_path = f"unet.{cross.name}.to_k", "text_encoder.text_model.encoder.layers.0.self_attn.q_proj"
     with torch.no_grad():
-        with _as_word(pipeline, concept):
+        with _runtime_channels(pipeline, concept, 1.0):
             kv = capture_cross_attention_kv(pipeline, PAIR[0], [kv_path])[kv_path]
             text = capture_text_encoder(pipeline, PAIR[0], 2, [text_path])[text_path]
         expected_kv = 0

@@ -321,3 +321,18 @@ def test_export_command_errors_name_what_is_available(toy_catalog, tmp_path, arg
     assert result.exit_code == 2, result.output
     assert message in " ".join(result.output.split()), result.output
     assert "Traceback" not in result.output and not (tmp_path / "out.safetensors").exists()
+
+
+def test_fused_folder_with_run_time_parts_is_refused_as_a_diffusers_folder(fused_folder, tmp_path):
+    import shutil
+
+    from conceptflow.exports.diffusers_folder import export_fused_pipeline
+
+    folder = tmp_path / "with-parts"
+    shutil.copytree(fused_folder, folder)
+    meta = json.loads((folder / "concept.json").read_text())
+    meta["runtime_parts"] = [{"name": "tova_dog", "method": "tova", "token_deltas": {}, "text_residuals": []}]
+    (folder / "concept.json").write_text(json.dumps(meta))
+    with pytest.raises(ConceptflowError, match=r"\['tova_dog'\] act only at run time"):
+        export_fused_pipeline(folder, tmp_path / "pipe", "embedded:tiny-sd")
+    assert not (tmp_path / "pipe").exists()

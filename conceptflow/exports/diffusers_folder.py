@@ -43,6 +43,12 @@ def fused_pipeline(fused_folder: Path, base_model: str, form: str = DEFAULT_FORM
     if meta.get("kind") != "fused":
         raise ConceptflowError(f"{fused_folder} is not a fused combination (concept.json kind "
                                f"{meta.get('kind')!r}); run `conceptflow fuse` for it")
+    runtime = [part["name"] for part in meta.get("runtime_parts", [])]
+    if runtime:  # a token-position update or a text residual has no place in plain diffusers weights
+        raise ConceptflowError(
+            f"{fused_folder}: concepts {runtime} act only at run time (ToVA token-position updates, Cones 2 text "
+            "residuals), which a diffusers folder cannot hold; export the combination without them, or generate "
+            "and sample it with conceptflow (`conceptflow generate`, or `conceptflow sample` from the registry)")
     recorded, actual = meta.get("base_model_hash"), model_fingerprint(base_model)
     if recorded != actual:
         raise ConceptflowError(f"{fused_folder} was fused on base {meta.get('base_model')!r} (fingerprint "

@@ -130,12 +130,12 @@ def _solve(base: Mapping[str, torch.Tensor], concepts: Sequence[ConceptEffects],
     return fused, {"objective": objective_fused, "objective_at_base": objective_base}
 
 
-def _as_word(pipeline, concept: ConceptEffects):
-    """A concept written as a word (``meta["prompt_word"]``, Cones 2) is captured as it samples:
-    ``<name>`` is its word and its text residuals are added (``runtime_concepts``); others as they are."""
-    if not concept.meta.get("prompt_word"):
-        return contextlib.nullcontext()
-    return runtime_concepts(pipeline, [ConceptEffects(dict(concept.meta), text_residuals=list(concept.text_residuals))])
+def _runtime_channels(pipeline, concept: ConceptEffects, scale: float):
+    """A concept's run-time channels applied while its inputs are captured, so they are captured
+    as it samples: a ToVA token delta (scaled like the merged updates), a Cones 2 residual with its
+    ``<name>`` written as its word (``meta["prompt_word"]``); nothing for a mergeable concept."""
+    part = concept.runtime_part()
+    return contextlib.nullcontext() if part is None else runtime_concepts(pipeline, [part], scale=scale)
 
 
 def gradient_fuse(pipeline, catalog, combination, concepts: list[ConceptEffects],
@@ -160,7 +160,7 @@ def gradient_fuse(pipeline, catalog, combination, concepts: list[ConceptEffects]
     text_grams = []
     for concept, name in zip(concepts, names):
         _load_concept_weights(pipeline, base, concept, scale, paths)
-        with _as_word(pipeline, concept):
+        with _runtime_channels(pipeline, concept, scale):
             text_grams.append(capture_text_encoder(pipeline, name, n_layers, text_paths))
         progress.update()
     text_fused, text_metrics = _solve(base, concepts, text_grams, text_paths, scale, solver, TEXT_AND_KV_ITERATIONS)
@@ -170,7 +170,7 @@ def gradient_fuse(pipeline, catalog, combination, concepts: list[ConceptEffects]
     set_weights(pipeline, text_fused)  # K/V inputs come from the fused text encoder
     kv_grams = []
     for concept, name in zip(concepts, names):
-        with _as_word(pipeline, concept):
+        with _runtime_channels(pipeline, concept, scale):
             kv_grams.append(capture_cross_attention_kv(pipeline, name, kv_paths))
         progress.update()
     kv_fused, kv_metrics = _solve(base, concepts, kv_grams, kv_paths, scale, solver, TEXT_AND_KV_ITERATIONS)
@@ -179,7 +179,7 @@ def gradient_fuse(pipeline, catalog, combination, concepts: list[ConceptEffects]
     unet_grams = []
     for concept, name in zip(concepts, names):
         _load_concept_weights(pipeline, base, concept, scale, paths)
-        with _as_word(pipeline, concept):
+        with _runtime_channels(pipeline, concept, scale):
             unet_grams.append(capture_unet(pipeline, name, rest_paths, catalog.resolution, catalog.seed))
         progress.update()
     rest_fused, rest_metrics = _solve(base, concepts, unet_grams, rest_paths, scale, solver, SPATIAL_ITERATIONS)
