@@ -76,3 +76,14 @@ def test_two_concepts_beat_weight_averaging_on_their_own_inputs(setting):
     # both concepts' tokens coexist in the fused text encoder
     vocab = pipeline.tokenizer.get_vocab()
     assert "<alpha1_l00>" in vocab and "<beta2_l06>" in vocab
+
+
+def test_weight_averaging_counts_only_concepts_with_merged_updates():
+    from conceptflow.adapters.effects import ConceptEffects, TextResidual
+
+    base = {"unet.a": torch.zeros(2, 2)}
+    lora = ConceptEffects({"name": "l"}, deltas={"unet.a": torch.ones(2, 2)})
+    other = ConceptEffects({"name": "o"}, deltas={"unet.a": 3 * torch.ones(2, 2)})
+    residual_only = ConceptEffects({"name": "r"}, text_residuals=[TextResidual("dog", torch.ones(4))])
+    assert torch.equal(average_fuse(base, [lora, residual_only], 1.0)["unet.a"], torch.ones(2, 2))  # not halved
+    assert torch.equal(average_fuse(base, [lora, other, residual_only], 1.0)["unet.a"], 2 * torch.ones(2, 2))
