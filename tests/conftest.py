@@ -41,6 +41,20 @@ def tiny_pipeline(tiny_sd_path):
 
 
 @pytest.fixture
+def concept_pipeline(tiny_pipeline):
+    """The tiny base with random layer-wise tokens for <dog> and <cat> (the samplers' tests)."""
+    from conceptflow.adapters.tokens import concept_token_strings, write_embeddings
+    from conceptflow.attention.processor import attention_controller_of
+
+    n_layers = attention_controller_of(tiny_pipeline.unet).n_cross_layers
+    generator = torch.Generator().manual_seed(0)
+    write_embeddings(tiny_pipeline.tokenizer, tiny_pipeline.text_encoder,
+                     {token: torch.randn(32, generator=generator)
+                      for name in ("dog", "cat") for token in concept_token_strings(name, n_layers)})
+    return tiny_pipeline
+
+
+@pytest.fixture
 def dreambooth_dir() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real DreamBooth photos not found at {SHARED_DATA} (the shared/ folder is absent)")

@@ -5,7 +5,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conceptflow.adapters.tokens import concept_token_strings, write_embeddings
 from conceptflow.attention.processor import CrossAttentionMapRecorder, attention_controller_of
 from conceptflow.config import GenerateConfig
 from conceptflow.sample import SAMPLERS
@@ -34,17 +33,6 @@ from conceptflow.sample.core import SampleRequest, SamplingCore
 from conceptflow.sample.fused import sample_images
 
 CONCEPTS = ("dog", "cat")
-
-
-@pytest.fixture
-def concept_pipeline(tiny_pipeline):
-    """The tiny base with random layer-wise tokens for <dog> and <cat>."""
-    n_layers = attention_controller_of(tiny_pipeline.unet).n_cross_layers
-    generator = torch.Generator().manual_seed(0)
-    write_embeddings(tiny_pipeline.tokenizer, tiny_pipeline.text_encoder,
-                     {token: torch.randn(32, generator=generator)
-                      for name in CONCEPTS for token in concept_token_strings(name, n_layers)})
-    return tiny_pipeline
 
 
 def settings(steps, sama=True, layout_guidance=True, batch_size=4, **extra):

@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from conceptflow.adapters.tokens import concept_token_strings, write_embeddings
-from conceptflow.attention.processor import AttentionLayer, attention_controller_of, attention_layers
+from conceptflow.attention.processor import AttentionLayer, attention_layers
 from conceptflow.config import GenerateConfig
 from conceptflow.sample import SAMPLERS
 from conceptflow.sample.boxes import box_masks
@@ -25,19 +24,9 @@ from conceptflow.sample.core import SampleRequest, SamplingCore
 from conceptflow.sample.fused import sample_images
 
 CONCEPTS = ("dog", "cat")
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 SIDE_BY_SIDE = {"dog": (0.0, 0.0, 0.5, 1.0), "cat": (0.5, 0.0, 1.0, 1.0)}
 CROSS = AttentionLayer("down_blocks.0.attentions.0.transformer_blocks.0.attn2", True, 0, "down_blocks", 0)
-
-
-@pytest.fixture
-def concept_pipeline(tiny_pipeline, one_torch_thread):
-    """The tiny base with random layer-wise tokens for <dog> and <cat>."""
-    n_layers = attention_controller_of(tiny_pipeline.unet).n_cross_layers
-    generator = torch.Generator().manual_seed(0)
-    write_embeddings(tiny_pipeline.tokenizer, tiny_pipeline.text_encoder,
-                     {token: torch.randn(32, generator=generator)
-                      for name in CONCEPTS for token in concept_token_strings(name, n_layers)})
-    return tiny_pipeline
 
 
 def settings(steps=5, batch_size=4, **cones2_layout):

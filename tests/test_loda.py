@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from conceptflow.adapters.branched import runtime_concepts
 from conceptflow.adapters.concept_io import get_linear
 from conceptflow.adapters.effects import ConceptEffects, TokenDelta
-from conceptflow.adapters.tokens import concept_token_strings, write_embeddings
+from conceptflow.adapters.tokens import concept_token_strings
 from conceptflow.attention.processor import CrossAttentionMapRecorder, attention_controller_of
 from conceptflow.config import GenerateConfig
 from conceptflow.sample import SAMPLERS
@@ -33,17 +33,6 @@ from conceptflow.sample.loda.pipeline import LodaGuide, sample_loda
 
 CONCEPTS = ("dog", "cat")
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture
-def concept_pipeline(tiny_pipeline):
-    """The tiny base with random layer-wise tokens for <dog> and <cat>."""
-    n_layers = attention_controller_of(tiny_pipeline.unet).n_cross_layers
-    generator = torch.Generator().manual_seed(0)
-    write_embeddings(tiny_pipeline.tokenizer, tiny_pipeline.text_encoder,
-                     {token: torch.randn(32, generator=generator)
-                      for name in CONCEPTS for token in concept_token_strings(name, n_layers)})
-    return tiny_pipeline
 
 
 def settings(total_steps=4, batch_size=4, **loda):
