@@ -5,6 +5,7 @@ import pytest
 import torch
 from pydantic import BaseModel
 
+from conceptflow.adapters.effects import ConceptEffects
 from conceptflow.adapters.tokens import concept_token_strings, encode_layerwise, write_embeddings
 from conceptflow.attention.processor import AttentionHook, attention_controller_of
 from conceptflow.config import GenerateConfig
@@ -111,12 +112,22 @@ def test_every_registered_sampler_samples_the_tiny_base(core, name):
     assert spec.config is None or (issubclass(spec.config, BaseModel) and spec.config())  # defaults validate
     settings = GenerateConfig(sampler=name, steps=2, batch_size=2)
     requests = [SampleRequest("a <dog> and a <cat>", 0), SampleRequest("a <cat>", 1), SampleRequest("a <dog>", 2)]
-    result = spec.sample(core, requests, CONCEPTS, 64, settings, f"test {name}")
+    adapters = None
+    if spec.uses_adapters:  # each concept as its own adapter: its tokens (already in the table) and class word
+        table = core.pipeline.text_encoder.get_input_embeddings().weight.detach()
+        ids = core.pipeline.tokenizer.convert_tokens_to_ids
+        adapters = {name: ConceptEffects({"name": name, "method": "edlora", "class_word": name},
+                                         {token: table[ids(token)].clone()
+                                          for token in concept_token_strings(name, core.n_layers)})
+                    for name in CONCEPTS}
+    result = spec.sample(core, requests, CONCEPTS, 64, settings, f"test {name}", adapters=adapters)
     assert isinstance(result, SamplingResult)
     assert [image.size for image in result.images] == [(64, 64)] * 3
     for extra in (result.attention_maps, result.plain_images):
         assert extra is None or len(extra) == 3
-    if result.plain_images is not None:  # the plain fused sampler's images of the same requests
+    # the plain fused sampler's images of the same requests (for a uses_adapters sampler, whose
+    # pipeline holds no fused model, the generate stage samples them: tests/test_combination_model.py)
+    if result.plain_images is not None and not spec.uses_adapters:
         plain = SAMPLERS["fused"].sample(core, requests, CONCEPTS, 64, settings).images
         assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(result.plain_images, plain))
 

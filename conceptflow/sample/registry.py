@@ -38,7 +38,9 @@ class SamplingResult:
 
     ``attention_maps[i][concept]``: the concept's (H, W) map in image i, in [0, 1], for each
     concept its prompt names (None when the sampler records none); ``plain_images``: the same
-    requests from the plain fused sampler, for comparison (None when the sampler is plain);
+    requests from the plain fused sampler, for comparison (None when the sampler is plain; a
+    ``uses_adapters`` sampler has no fused model, so the generate stage replaces whatever it
+    returns here with the fused model's plain images);
     ``masks[i][concept]``: the concept's region the sampler used in image i (Concept Conductor's
     refined masks; None when it has none).
     """
