@@ -177,6 +177,10 @@ def test_evaluate_scores_the_attention_entropy_change_per_concept(fused_project)
     per_concept = [scores["per_concept"][name]["attention_entropy_change"] for name in PAIR]
     assert all(np.isfinite(value) and value != 0 for value in per_concept)
     assert scores["overall"]["attention_entropy_change"] == pytest.approx(np.mean(per_concept))  # one image per prompt
+    one_step = catalog.model_copy(update={"generate": catalog.generate.model_copy(update={"steps": 1})})
+    evaluate(one_step, combination, force=True)  # no change between steps to measure: None, not an error
+    scores = json.loads((Layout(catalog).metrics(combination) / "metrics.json").read_text())
+    assert scores["overall"]["attention_entropy_change"] is None
     off = catalog.model_copy(update={"evaluate": catalog.evaluate.model_copy(update={"attention_entropy": False})})
     evaluate(off, combination, force=True)
     scores = json.loads((Layout(catalog).metrics(combination) / "metrics.json").read_text())

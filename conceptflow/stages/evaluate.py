@@ -23,10 +23,13 @@ def _open(path):
 
 def entropy_changes(catalog: Catalog, combination_name: str) -> list[dict[str, float]]:
     """Each image's per-concept ΔH (``metrics.attention_entropy``) in a plain sampling run of the
-    combination's fused model, with the generate stage's prompts, seeds, steps and guidance."""
+    combination's fused model, with the generate stage's prompts, seeds, steps and guidance (none
+    with fewer than two steps)."""
     from conceptflow.metrics.attention_entropy import sampling_entropy_changes
 
     combination, settings = catalog.combination(combination_name), generate_settings(catalog)
+    if settings.steps < 2:  # ΔH is a change between steps: a one-step run has none (the score is None)
+        return []
     model = CombinationModel(catalog, combination_name, "fused")
     requests = [SampleRequest(prompt, seed) for prompt in combination.prompts for seed in combination.seeds]
     with model.runtime():
