@@ -170,7 +170,8 @@ def report_page(tmp_path_factory, one_torch_thread) -> Path:
     project = tmp_path_factory.mktemp("report-project")
     raw = {key: DEFAULT[key] for key in ("project", "base_model", "resolution", "seed", "mask", "generate", "evaluate")}
     raw["base_model"] = str(ROOT / DEFAULT["base_model"])
-    raw["evaluate"] = {**DEFAULT["evaluate"], "toy_evaluators": str(ROOT / DEFAULT["evaluate"]["toy_evaluators"])}
+    raw["evaluate"] = {**DEFAULT["evaluate"], "toy_evaluators": str(ROOT / DEFAULT["evaluate"]["toy_evaluators"]),
+                       "attention_entropy": False}  # the generated images are written here, no fused model
     raw["concepts"] = {name: {**DEFAULT["concepts"][name], "images": str(ROOT / DEFAULT["concepts"][name]["images"])}
                        for name in CONCEPTS}
     raw["combinations"] = {COMBO: DEFAULT["combinations"][COMBO]}

@@ -10,7 +10,7 @@ from conceptflow.data.ingest import ingested_images
 from conceptflow.fileio import write_json_atomic
 from conceptflow.layout import Layout
 from conceptflow.sample.core import SampleRequest
-from conceptflow.stages.base import run_stage
+from conceptflow.stages.base import require_manifest, run_stage
 from conceptflow.stages.combination_model import CombinationModel
 from conceptflow.stages.generate import generated_images
 from conceptflow.stages.table import generate_settings, stage, upstream_md5s
@@ -30,6 +30,8 @@ def entropy_changes(catalog: Catalog, combination_name: str) -> list[dict[str, f
     combination, settings = catalog.combination(combination_name), generate_settings(catalog)
     if settings.steps < 2:  # ΔH is a change between steps: a one-step run has none (the score is None)
         return []
+    require_manifest(Layout(catalog).fused(combination_name), "fused model (the attention-entropy run samples it; "
+                     "or set evaluate.attention_entropy: false)", f"fuse --combination {combination_name}")
     model = CombinationModel(catalog, combination_name, "fused")
     requests = [SampleRequest(prompt, seed) for prompt in combination.prompts for seed in combination.seeds]
     with model.runtime():
