@@ -206,6 +206,8 @@ def run_stage_subprocess(stage_name: str, catalog: Path, items: str, args, sampl
 
 
 def _mb(value) -> str:
+    if value < 0.1 * MB:  # a residual embedding or a few token rows: KB, not "0.0 MB"
+        return f"{value / 1024:,.1f} KB"
     return f"{value / MB:,.1f} MB" if value < 1024 * MB else f"{value / 1024**3:,.2f} GB"
 
 
