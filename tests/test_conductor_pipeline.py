@@ -241,7 +241,7 @@ def test_inversion_is_cached_in_memory_and_on_disk(pipeline, tmp_path, monkeypat
     first = invert_keys(core, image, "a dog", timesteps, layer, RESOLUTION, cache_dir=tmp_path)
     assert sorted(first["keys"]) == [333, 666, 999] and first["keys"][999].ndim == 3  # (heads, positions, head dim)
     assert first["mask_probs"] is None
-    assert len(list(tmp_path.glob("*.pt"))) == 1
+    assert len(list(tmp_path.glob("*.safetensors"))) == 1
     assert invert_keys(core, image, "a dog", timesteps, layer, RESOLUTION, cache_dir=tmp_path) is first
     monkeypatch.setattr(inversion, "_MEMORY", {})
     monkeypatch.setattr(inversion, "_invert", lambda *a, **k: pytest.fail("cache on disk was not used"))

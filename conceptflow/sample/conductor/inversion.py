@@ -12,22 +12,22 @@ step). Textbook DDIM inversion from the VAE's mean latent (level alpha = 1)::
 
 Results are cached by a hash of the image's pixels, the prompt, the timesteps, the layer, the
 resolution and a fingerprint of the base's weights: in memory for the process, and on disk
-(``<folder>/<hash>.pt``) when a cache folder is given.
+(``<folder>/<hash>.safetensors``, never a pickle) when a cache folder is given.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 from PIL import Image
+from safetensors.torch import load_file, save_file
 
 from conceptflow.attention.processor import AttentionHook
+from conceptflow.fileio import atomic_path
 
 _MEMORY: dict[str, dict[int, torch.Tensor]] = {}
 
@@ -122,20 +122,30 @@ def invert_keys(core, image: Image.Image, prompt: str, timesteps: Sequence[int],
                     mask_timestep)
     if key in _MEMORY:
         return _MEMORY[key]
-    path = None if cache_dir is None else Path(cache_dir) / f"{key}.pt"
+    path = None if cache_dir is None else Path(cache_dir) / f"{key}.safetensors"
     if path is not None and path.is_file():
-        _MEMORY[key] = torch.load(path)
+        _MEMORY[key] = _from_tensors(load_file(str(path)))
         return _MEMORY[key]
     result = _invert(core, image, prompt, {int(t) for t in timesteps}, layer_name, resolution, substeps,
                      mask_layer, mask_timestep)
     _MEMORY[key] = result
-    if path is not None:
+    if path is not None:  # safetensors, never a pickle
         path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        os.close(handle)
-        torch.save(result, temporary)
-        os.replace(temporary, path)
+        with atomic_path(path) as temporary:
+            save_file(_to_tensors(result), str(temporary))
     return result
+
+
+def _to_tensors(result: dict) -> dict[str, torch.Tensor]:
+    tensors = {f"keys.{t}": k.contiguous() for t, k in result["keys"].items()}
+    if result["mask_probs"] is not None:
+        tensors["mask_probs"] = result["mask_probs"].contiguous()
+    return tensors
+
+
+def _from_tensors(tensors: dict[str, torch.Tensor]) -> dict:
+    keys = {int(name.removeprefix("keys.")): value for name, value in tensors.items() if name.startswith("keys.")}
+    return {"keys": keys, "mask_probs": tensors.get("mask_probs")}
 
 
 def _invert(core, image, prompt, wanted: set[int], layer_name, resolution, substeps, mask_layer=None,
