@@ -50,7 +50,7 @@ from conceptflow.adapters.effects import ConceptEffects  # noqa: E402
 from conceptflow.adapters.tokens import concept_token_strings  # noqa: E402
 from conceptflow.config import GenerateConfig  # noqa: E402
 from conceptflow.models.loading import load_base_pipeline  # noqa: E402
-from conceptflow.sample.conductor.inversion import StopForward  # noqa: E402
+from conceptflow.attention.processor import StopForward  # noqa: E402
 from conceptflow.sample.conductor.pipeline import ConductorBatch  # noqa: E402
 from conceptflow.sample.core import SampleRequest, SamplingCore  # noqa: E402
 

@@ -50,6 +50,11 @@ class AttentionLayer:
         return self.index
 
 
+class StopForward(Exception):
+    """Raised by a hook after the last layer a pass reads (a truncated UNet pass: a guidance
+    gradient, inverted keys); the sampler that started the pass catches it."""
+
+
 class AttentionHook:
     """Base class for what a method does inside attention. Override only what you need.
 

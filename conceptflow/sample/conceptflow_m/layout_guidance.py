@@ -20,7 +20,7 @@ from typing import Sequence
 
 import torch
 
-from conceptflow.attention.processor import AttentionLayer, CrossAttentionMapRecorder
+from conceptflow.attention.processor import AttentionLayer, CrossAttentionMapRecorder, StopForward
 from conceptflow.sample.conceptflow_m.sama import EPS, mean_concept_maps, normalize_maps
 
 BLOCK_RANK = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}
@@ -60,10 +60,6 @@ def layout_layer_names(layers: Sequence[AttentionLayer], last_block: str = "mid_
     return [layer.name for layer in layers if layer.is_cross and BLOCK_RANK[layer.block] <= BLOCK_RANK[last_block]]
 
 
-class _StopForward(Exception):
-    """Raised after the last layer the loss reads: the rest of the UNet is not needed."""
-
-
 class TruncatingMapRecorder(CrossAttentionMapRecorder):
     """Records maps with their graph and stops the UNet after the last layer it reads."""
 
@@ -74,7 +70,7 @@ class TruncatingMapRecorder(CrossAttentionMapRecorder):
     def on_probs(self, layer, probs):
         super().on_probs(layer, probs)
         if layer.name == self.last_layer:
-            raise _StopForward
+            raise StopForward
 
 
 class LayoutGuidance:
@@ -120,7 +116,7 @@ class LayoutGuidance:
         with self.controller.use(recorder):
             try:
                 self.unet(latents.to(self.unet.dtype), timestep, encoder_hidden_states=text)
-            except _StopForward:
+            except StopForward:
                 pass
         maps = self.concept_maps([recorder.maps[name].float() for name in self.layer_names])
         return layout_loss(maps, self.initial_maps, self.valid, self.threshold, self.adjustment)

@@ -30,9 +30,8 @@ from typing import Sequence
 
 import torch
 
-from conceptflow.attention.processor import AttentionHook, AttentionLayer
+from conceptflow.attention.processor import AttentionHook, AttentionLayer, StopForward
 from conceptflow.sample.conductor.fusion import fuse, resize_mask
-from conceptflow.sample.conductor.inversion import StopForward
 
 
 @dataclass(frozen=True)

@@ -26,10 +26,19 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from conceptflow.attention.processor import AttentionHook
+from conceptflow.attention.processor import AttentionHook, StopForward
 from conceptflow.fileio import atomic_path
 
-_MEMORY: dict[str, dict[int, torch.Tensor]] = {}
+_MEMORY: dict[str, dict] = {}  # cache key -> inverted keys, the newest MEMORY_ENTRIES kept
+MEMORY_ENTRIES = 32  # SD 1.5 at 512 px keeps 2.6 MB of keys per aligned step: bounded, not one per image forever
+
+
+def _remember(key: str, result: dict) -> dict:
+    _MEMORY.pop(key, None)
+    _MEMORY[key] = result
+    while len(_MEMORY) > MEMORY_ENTRIES:
+        del _MEMORY[next(iter(_MEMORY))]
+    return result
 
 
 class KeyRecorder(AttentionHook):
@@ -63,10 +72,6 @@ class ProbsRecorder(AttentionHook):
 
     def on_probs(self, layer, probs):
         self.probs = probs[0].mean(0).detach().float().cpu()
-
-
-class StopForward(Exception):
-    """Raised after the last layer a pass reads."""
 
 
 def inversion_grid(timesteps: Sequence[int], substeps: int = 1) -> list[int]:
@@ -124,11 +129,10 @@ def invert_keys(core, image: Image.Image, prompt: str, timesteps: Sequence[int],
         return _MEMORY[key]
     path = None if cache_dir is None else Path(cache_dir) / f"{key}.safetensors"
     if path is not None and path.is_file():
-        _MEMORY[key] = _from_tensors(load_file(str(path)))
-        return _MEMORY[key]
+        return _remember(key, _from_tensors(load_file(str(path))))
     result = _invert(core, image, prompt, {int(t) for t in timesteps}, layer_name, resolution, substeps,
                      mask_layer, mask_timestep)
-    _MEMORY[key] = result
+    _remember(key, result)
     if path is not None:  # safetensors, never a pickle
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(path) as temporary:

@@ -48,12 +48,13 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from conceptflow.adapters.branched import branched_concepts
+from conceptflow.attention.processor import StopForward
 from conceptflow.errors import ConceptflowError
 from conceptflow.sample.boxes import box_masks, resolve_boxes
 from conceptflow.sample.conceptflow_m.pipeline import concept_token_positions
 from conceptflow.sample.conductor.config import ConductorConfig
 from conceptflow.sample.conductor.hooks import ConductorHooks, Row, resolve_layers
-from conceptflow.sample.conductor.inversion import StopForward, invert_keys
+from conceptflow.sample.conductor.inversion import invert_keys
 from conceptflow.sample.conductor.masks import cluster_candidates, refine_masks, refine_step
 from conceptflow.sample.conductor.prompts import branch_prompt, class_words_of, concepts_of
 from conceptflow.sample.core import SampleRequest, SamplingCore

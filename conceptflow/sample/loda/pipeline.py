@@ -25,8 +25,8 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from conceptflow.attention.processor import CrossAttentionMapRecorder
-from conceptflow.sample.conceptflow_m.layout_guidance import TruncatingMapRecorder, _StopForward
+from conceptflow.attention.processor import CrossAttentionMapRecorder, StopForward
+from conceptflow.sample.conceptflow_m.layout_guidance import TruncatingMapRecorder
 from conceptflow.sample.conceptflow_m.pipeline import concept_token_positions, named_concepts
 from conceptflow.sample.conceptflow_m.sama import mean_concept_maps, normalize_maps
 from conceptflow.sample.core import SampleRequest, SamplingCore
@@ -69,7 +69,7 @@ class LodaGuide:
         with self.core.controller.use(recorder):
             try:
                 self.core.unet(latents.to(self.core.model_dtype), timestep, encoder_hidden_states=self.text)
-            except _StopForward:
+            except StopForward:
                 pass
         return mean_concept_maps([recorder.maps[name].double() for name in self.layer_names], self.valid.shape[1],
                                  self.map_side)
