@@ -45,18 +45,13 @@ def test_step_maps_average_the_chosen_layers_and_each_concepts_two_tokens():
     assert maps.shape == (rows, 2, side, side) and torch.allclose(maps, expected)
 
 
-def test_sampling_entropy_change_matches_maps_recorded_independently(tiny_pipeline):
-    from conceptflow.adapters.tokens import concept_token_strings, write_embeddings
-    from conceptflow.attention.processor import AttentionHook, attention_controller_of
+def test_sampling_entropy_change_matches_maps_recorded_independently(concept_pipeline):
+    from conceptflow.attention.processor import AttentionHook
     from conceptflow.metrics.attention_entropy import sampling_entropy_changes
     from conceptflow.sample.conceptflow_m.pipeline import concept_token_positions, named_concepts
     from conceptflow.sample.core import SampleRequest, SamplingCore
 
-    n_layers = attention_controller_of(tiny_pipeline.unet).n_cross_layers
-    generator = torch.Generator().manual_seed(0)
-    write_embeddings(tiny_pipeline.tokenizer, tiny_pipeline.text_encoder,
-                     {token: torch.randn(32, generator=generator)
-                      for name in ("dog", "cat") for token in concept_token_strings(name, n_layers)})
+    tiny_pipeline = concept_pipeline  # the tiny base with <dog> and <cat> tokens
     requests = [SampleRequest("a <dog> and a <cat>", 3), SampleRequest("a photo of a <cat>", 4)]
     changes = sampling_entropy_changes(tiny_pipeline, requests, ["dog", "cat"], 64, steps=4, guidance_scale=7.5)
     assert list(changes[0]) == ["dog", "cat"] and list(changes[1]) == ["cat"]
