@@ -126,5 +126,6 @@ def test_refine_masks_low_overlap_falls_back_to_box():
 
 
 def test_step_indices_scale_to_step_count():
-    assert ConductorConfig().step_indices(200) == (60, list(range(50, 81, 5)))
-    assert ConductorConfig().step_indices(20) == (6, [5, 6, 7, 8])
+    assert ConductorConfig().step_indices(200) == (61, list(range(50, 81, 5)))
+    assert ConductorConfig().step_indices(20) == (7, [5, 6, 7, 8])
+    assert ConductorConfig(alignment_end_fraction=0).step_indices(20)[0] == 0

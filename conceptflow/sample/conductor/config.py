@@ -37,8 +37,11 @@ class ConductorConfig(StrictModel):
                                     "the sampling timesteps themselves (the reference inverts with 999 steps)")
 
     def step_indices(self, num_steps: int) -> tuple[int, list[int]]:
-        """(last alignment step exclusive, refinement steps), scaled from the 200-step reference."""
+        """(alignment steps bound, exclusive; refinement steps), scaled from the 200-step reference.
+        The reference aligns while ``i <= 60`` of 200, its end step included: so do we (61 of 200
+        steps); a fraction of 0 aligns no step."""
         end = round(self.alignment_end_fraction * num_steps)
+        end = min(num_steps, end + 1) if self.alignment_end_fraction > 0 else 0
         start, stop = round(self.refine_start_fraction * num_steps), round(self.refine_end_fraction * num_steps)
         every = max(1, round(self.refine_every_fraction * num_steps))
         return end, list(range(start, stop + 1, every))
