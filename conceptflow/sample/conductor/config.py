@@ -13,8 +13,8 @@ class ConductorConfig(StrictModel):
     plain sampling of its own prompt."""
 
     alignment: bool = Field(True, description="layout alignment: latents -= weight*grad of the self-attention key MSE")
-    alignment_end_fraction: float = Field(60 / 200, ge=0, le=1, description="alignment for the first fraction of "
-                                          "the steps (reference: step 60 of 200)")
+    alignment_end_fraction: float = Field(60 / 200, ge=0, le=1, description="alignment up to and including step "
+                                          "round(fraction x steps) (reference: step 60 of 200 included)")
     alignment_weight: float = Field(10.0, ge=0, description="latent step size of the alignment (reference: 10)")
     custom_loss_weight: float = Field(1.0, ge=0, description="loss = base + mean(custom) * this (reference: 1.0)")
     injection: bool = Field(True, description="fuse decoder attention outputs base*(1-sum M_i) + sum custom_i*M_i")
