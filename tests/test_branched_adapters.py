@@ -3,7 +3,10 @@
 Concepts are built here from random ΔW / residuals / embeddings (no trained adapter). The
 reference for a branch is a deep copy of the pipeline with the branch's concepts merged by
 ``apply_concepts``. Branched and merged differ only by float32 rounding (W0x + ΔWx against
-(W0 + ΔW)x): outputs are compared with ``allclose(rtol=0, atol=ATOL)``.
+(W0 + ΔW)x, and a branch's rows multiplied apart from the other rows): outputs are compared
+with ``allclose(rtol=0, atol=ATOL)``. Without merging (``merge=False``: W0 x on every row, ΔW x
+added on a branch's rows) the base branch's rows are bit for bit those of the same batch without
+branches.
 """
 
 from __future__ import annotations
@@ -92,11 +95,12 @@ def assert_close(actual, expected):
 PROMPTS = ["a photo of a dog", "a red star on sand", "a heart and a star"]
 
 
+@pytest.mark.parametrize("merge", [True, False], ids=["merged", "deltas"])
 @pytest.mark.parametrize("cfg", [False, True], ids=["plain", "cfg"])
-def test_three_branches_in_one_call_equal_each_concept_merged(pipeline, cfg):
+def test_three_branches_in_one_call_equal_each_concept_merged(pipeline, cfg, merge):
     a, b = dense_concept(pipeline, "a", 10), dense_concept(pipeline, "b", 20)
     x = latents(3)
-    with branched_concepts(pipeline, [[], [a], [b]], branch_of=[0, 1, 2]):
+    with branched_concepts(pipeline, [[], [a], [b]], branch_of=[0, 1, 2], merge=merge):
         out = run(pipeline, PROMPTS, x, cfg)
     out_base = run(pipeline, PROMPTS, x, cfg)
     for index, concepts in enumerate([[], [a], [b]]):
@@ -106,7 +110,8 @@ def test_three_branches_in_one_call_equal_each_concept_merged(pipeline, cfg):
         assert_close(out[rows], expected)
         if concepts:  # the concept does change the sample
             assert (expected - out_base[rows]).abs().max() > 100 * ATOL
-    assert torch.equal(out[[0, 3] if cfg else [0]], out_base[[0, 3] if cfg else [0]])  # base branch is exact
+    if not merge:  # the base rows ran in the whole batch, through W0 only: exact
+        assert torch.equal(out[[0, 3] if cfg else [0]], out_base[[0, 3] if cfg else [0]])
 
 
 def test_two_concepts_in_one_branch_equal_both_merged(pipeline):
@@ -122,16 +127,19 @@ def test_two_concepts_in_one_branch_equal_both_merged(pipeline):
     assert_close(out[1:], run(only_b, PROMPTS[1:2], x[1:]))
 
 
-def test_fused_weights_branch_equals_fused_model(pipeline):
+@pytest.mark.parametrize("merge", [True, False], ids=["merged", "deltas"])
+def test_fused_weights_branch_equals_fused_model(pipeline, merge):
     fused_weights = {}
     for i, path in enumerate(DENSE_PATHS[:4]):
         fused_weights[path] = get_linear(pipeline, path).weight.detach() + random_delta(pipeline, path, 40 + i)
     fused = ConceptEffects({"name": "fused", "kind": "fused"}, weights=fused_weights)
     x = latents(2, seed=2)
-    with branched_concepts(pipeline, [[fused], []], branch_of=[0, 1], scale=0.5):  # scale leaves weights alone
+    with branched_concepts(pipeline, [[fused], []], branch_of=[0, 1], scale=0.5, merge=merge):  # scale: not weights
         out = run(pipeline, PROMPTS[:2], x)
     assert_close(out[:1], run(merged(pipeline, [fused]), PROMPTS[:1], x[:1]))
-    assert torch.equal(out[1:], run(pipeline, PROMPTS[:2], x)[1:])  # the base branch, same batch: exact
+    assert_close(out[1:], run(pipeline, PROMPTS[1:2], x[1:]))
+    if not merge:  # the base branch, same batch: exact
+        assert torch.equal(out[1:], run(pipeline, PROMPTS[:2], x)[1:])
 
 
 def test_runtime_concepts_apply_to_every_sample(pipeline):
@@ -299,9 +307,13 @@ def test_pipeline_is_untouched_after_exit(pipeline):
         token_deltas={CROSS_V: TokenDelta(random_delta(pipeline, CROSS_V, 90), ("dog",))},
         text_residuals=[TextResidual("dog", torch.ones(32))],
     )
+    def replaced_forwards():  # merge mode replaces the adapted linears' forward inside the block
+        return sum("forward" in vars(m) for model in ("unet", "text_encoder") for m in getattr(pipeline, model).modules())
+
     with branched_concepts(pipeline, [[every_channel], []], branch_of=[0, 1]):
-        assert hook_count(pipeline) > hooks_before
+        assert hook_count(pipeline) > hooks_before and replaced_forwards() == len(DENSE_PATHS) + 1
         run(pipeline, ["a sks dog", "a dog"], latents(2), cfg=True)
+    assert replaced_forwards() == 0
     with pytest.raises(RuntimeError, match="inside"):
         with branched_concepts(pipeline, [[every_channel]]):
             raise RuntimeError("inside the block")

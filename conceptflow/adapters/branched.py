@@ -5,10 +5,14 @@ users' concepts at once needs the same. The reference code deep-copies the UNet 
 one adapter per copy; here one UNet call serves K branches: every adapted ``nn.Linear`` gets
 a forward hook that adds each branch's update to that branch's samples only::
 
-    out[b] = W0 x[b] + bias + ΔW_k x[b]        for every sample b with branch_of[b] == k
+    out[b] = (W0 + ΔW_k) x[b] + bias           for every sample b with branch_of[b] == k
 
-(one extra matmul per branch per adapted linear, on that branch's rows; the base weights are
-never copied or rewritten). A branch with no concepts is the base model. Inside
+By default (``merge=True``) each branch's weights W0 + ΔW_k are formed once on entry (memory: one
+copy of every adapted linear per branch that adapts it, freed on exit) and each linear runs one
+matmul per branch present in the call, on that branch's rows: the matmul work of a merged model.
+With ``merge=False`` nothing is copied: the linear runs W0 x on every row and adds ΔW_k x[b] on
+each branch's rows (one extra matmul per branch, on that branch's rows). Either way the base
+weights are never rewritten. A branch with no concepts is the base model. Inside
 ``branched_concepts(pipeline, branches, branch_of)`` every channel of ``ConceptEffects``
 applies per sample:
 
@@ -95,6 +99,7 @@ class _LinearPlan:
     path: str
     module: nn.Linear
     dense: list[tuple[int, torch.Tensor]] = field(default_factory=list)
+    merged: dict[int, torch.Tensor] = field(default_factory=dict)  # branch -> W0 + ΔW (merge mode)
     token: list[tuple[int, torch.Tensor, torch.Tensor]] = field(default_factory=list)  # (branch, ΔW, token ids)
 
     @property
@@ -171,13 +176,15 @@ def _word_concepts(branches) -> dict[str, str]:
 class BranchedConcepts:
     """The handle of an active ``branched_concepts`` block (see the module docstring)."""
 
-    def __init__(self, pipeline, branches: Sequence[Sequence["ConceptEffects"]], scale: float):
+    def __init__(self, pipeline, branches: Sequence[Sequence["ConceptEffects"]], scale: float, merge: bool = True):
         if not branches:
             raise ConceptflowError("branched_concepts needs at least one branch (an empty branch is the base model)")
         self.pipeline = pipeline
         self.n_branches = len(branches)
         self._branches = [[piece for concept in concepts for piece in concept.with_parts()] for concepts in branches]
         self._scale = float(scale)
+        self._merge = merge
+        self._forwards: list[nn.Linear] = []  # linears whose forward is replaced (merge mode), restored on exit
         self._branch_of: torch.Tensor | None = None
         self._explicit_ids: torch.Tensor | None = None
         self._calls: dict[str, _Call | None] = {model: None for model in MODELS}
@@ -278,6 +285,11 @@ class BranchedConcepts:
         pipeline = self.pipeline
         self._needs_unet_ids = any(plan.token for plan in self._plans.values() if plan.model == "unet")
         for plan in self._plans.values():
+            if self._merge and plan.dense:
+                weight = plan.module.weight.detach()
+                plan.merged = {branch: weight + delta for branch, delta in plan.dense}
+                plan.module.forward = self._merged_forward(plan)
+                self._forwards.append(plan.module)
             self._handles.append(plan.module.register_forward_hook(self._linear_hook(plan)))
         self._handles.append(pipeline.unet.register_forward_pre_hook(self._unet_pre, with_kwargs=True))
         self._handles.append(pipeline.unet.register_forward_hook(self._unet_post))
@@ -289,6 +301,11 @@ class BranchedConcepts:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        for module in self._forwards:
+            del module.forward  # the class's forward again
+        self._forwards.clear()
+        for plan in self._plans.values():
+            plan.merged = {}
         self._records.clear()
         self._match_cache = None
         self._calls = {model: None for model in MODELS}
@@ -327,15 +344,36 @@ class BranchedConcepts:
         return groups
 
     # ------------------------------------------------------------------ hooks
+    def _call_of(self, plan: _LinearPlan, x: torch.Tensor) -> _Call:
+        call = self._calls[plan.model]
+        if call is None:
+            raise ConceptflowError(f"{plan.path} ran outside a {plan.model} call; branches cannot tell its samples")
+        if x.shape[0] != call.batch:
+            raise ConceptflowError(f"{plan.path} got batch {x.shape[0]} inside a {plan.model} call of batch {call.batch}")
+        return call
+
+    def _merged_forward(self, plan: _LinearPlan):
+        """The linear's forward in merge mode: each branch's rows through that branch's weights."""
+        module = plan.module
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            call = self._call_of(plan, x)
+            bias = module.bias
+            if len(call.groups) == 1:
+                (branch,) = call.groups
+                return F.linear(x, plan.merged.get(branch, module.weight), bias)
+            output = x.new_empty(*x.shape[:-1], module.out_features)
+            for branch, index in call.groups.items():
+                output[index] = F.linear(x[index], plan.merged.get(branch, module.weight), bias)
+            return output
+
+        return forward
+
     def _linear_hook(self, plan: _LinearPlan):
         def hook(module, inputs, output):
-            call = self._calls[plan.model]
             x = inputs[0]
-            if call is None:
-                raise ConceptflowError(f"{plan.path} ran outside a {plan.model} call; branches cannot tell its samples")
-            if x.shape[0] != call.batch:
-                raise ConceptflowError(f"{plan.path} got batch {x.shape[0]} inside a {plan.model} call of batch {call.batch}")
-            for branch, delta in plan.dense:
+            call = self._call_of(plan, x)
+            for branch, delta in plan.dense if not plan.merged else ():
                 if branch not in call.groups:
                     continue
                 index = call.groups[branch]
@@ -449,14 +487,17 @@ class BranchedConcepts:
 
 @contextlib.contextmanager
 def branched_concepts(pipeline, branches: Sequence[Sequence["ConceptEffects"]],
-                      branch_of: Sequence[int] | None = None, scale: float = 1.0) -> Iterator[BranchedConcepts]:
+                      branch_of: Sequence[int] | None = None, scale: float = 1.0,
+                      merge: bool = True) -> Iterator[BranchedConcepts]:
     """Apply ``branches[branch_of[b]]`` to sample b of every UNet/text-encoder call in the block.
 
     ``scale`` multiplies every ΔW (``deltas``, ``token_deltas``), as ``apply_concepts`` does;
     full ``weights`` and text residuals apply as given. ``branch_of`` may be set later with
     ``handle.set_branches`` (needed before a model call when there are several branches).
+    ``merge``: form each branch's adapted weights once (a merged model's matmul work, a copy of the
+    adapted linears per branch) or add ΔW x on the branch's rows (no copy, an extra matmul).
     """
-    handle = BranchedConcepts(pipeline, branches, scale)
+    handle = BranchedConcepts(pipeline, branches, scale, merge)
     if branch_of is not None:
         handle.set_branches(branch_of)
     try:
