@@ -61,6 +61,11 @@ class Layout:
     def report(self) -> Path:
         return self.data / "report"
 
+    def sampler_cache(self, sampler: str) -> Path:
+        """What a sampler computes once per input and reuses (Concept Conductor's layout inversions,
+        keyed by content): outside the DVC outputs, safe to delete."""
+        return self._inside(self.root / ".cache" / "samplers", sampler, "sampler name")
+
     def checkpoints(self, concept: str) -> Path:
         """Training checkpoints: kept outside the DVC outputs so a killed run can resume."""
         return self._inside(self.root / ".cache" / "checkpoints", concept, "concept name")

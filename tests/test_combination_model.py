@@ -211,3 +211,6 @@ def test_every_sampler_runs_through_the_generate_stage(fused_project, sampler):
     assert set(row.get("attention", {})) | set(row.get("masks", {})) == set(PAIR)
     report = write_report(catalog, folder.parent / f"report-{sampler}.html").read_text()
     assert f"Generated ({sampler})" in report
+    cache = catalog.root / ".cache" / "samplers" / sampler  # what a sampler reuses across runs (Conductor's inversions)
+    assert sorted(p.suffix for p in cache.glob("*")) == ([".safetensors"] * len(listing["images"])
+                                                          if SAMPLERS[sampler].uses_cache else [])

@@ -281,7 +281,9 @@ def test_registry_runs_the_sampler_end_to_end(pipeline, adapters, tmp_path):
     path = tmp_path / "layout.png"
     layout_image(8).save(path)
     requests = [REQUESTS[0], SampleRequest("a photo of <cat> cat", 1, layout_image=path)]
-    result = spec.sample(SamplingCore(pipeline), requests, ["dog", "cat"], RESOLUTION, settings(), adapters=adapters)
+    result = spec.sample(SamplingCore(pipeline), requests, ["dog", "cat"], RESOLUTION, settings(), adapters=adapters,
+                         cache_dir=tmp_path / "cache")
+    assert spec.uses_cache and len(list((tmp_path / "cache").glob("*.safetensors"))) == 2  # one inversion per layout
     assert [image.size for image in result.images] == [(RESOLUTION, RESOLUTION)] * 2
     assert [sorted(m) for m in result.masks] == [["cat", "dog"], ["cat"]]
     assert [sorted(m) for m in result.attention_maps] == [["cat", "dog"], ["cat"]]

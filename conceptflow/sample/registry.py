@@ -63,16 +63,20 @@ class SamplerSpec:
     # True: the sampler keeps concepts apart; it gets the bare base and ``adapters`` {concept:
     # ConceptEffects} (each concept's own adapter) instead of the base with the fused model applied
     uses_adapters: bool = False
+    # True: the entry point takes ``cache_dir=`` (a folder for what it computes once per input and
+    # reuses, e.g. Concept Conductor's layout inversions); the generate stage passes one per sampler
+    uses_cache: bool = False
 
     def sample(self, core_or_pipeline, requests, concepts, resolution: int, settings,
-               description: str = "generate", adapters=None) -> SamplingResult:
+               description: str = "generate", adapters=None, cache_dir=None) -> SamplingResult:
         module_name, _, attribute = self.entry_point.partition(":")
         function: Callable[..., SamplingResult] = getattr(importlib.import_module(module_name), attribute)
+        extra = {"cache_dir": cache_dir} if self.uses_cache else {}
         if self.uses_adapters:
             if adapters is None:
                 raise ConceptflowError(f"sampler {self.name!r} samples separate concept adapters: pass adapters=")
-            return function(core_or_pipeline, requests, concepts, resolution, settings, description, adapters=adapters)
-        return function(core_or_pipeline, requests, concepts, resolution, settings, description)
+            extra["adapters"] = adapters
+        return function(core_or_pipeline, requests, concepts, resolution, settings, description, **extra)
 
 
 _BUILT_IN = (
@@ -82,7 +86,7 @@ _BUILT_IN = (
                 "ConceptFlow-M: SAMA reference branches + layout-consistency guidance (50 steps, A.2.2)"),
     SamplerSpec("conductor", ConductorConfig, 50, "conceptflow.sample.conductor.pipeline:sample",
                 "Concept Conductor: separate concept branches in one batched call, layout alignment, "
-                "attention injection with refined masks", uses_adapters=True),
+                "attention injection with refined masks", uses_adapters=True, uses_cache=True),
     SamplerSpec("cones2_layout", Cones2LayoutConfig, 50, "conceptflow.sample.cones2_layout.pipeline:sample",
                 "Cones 2 layout guidance: cross-attention score bias inside each concept's box (50 steps, all guided)"),
     SamplerSpec("loda", LodaConfig, 50, "conceptflow.sample.loda.pipeline:sample",

@@ -55,6 +55,7 @@ class CombinationModel:
     def __init__(self, catalog: Catalog, combination_name: str, sampler: str):
         self.catalog, self.combination = catalog, catalog.combination(combination_name)
         self.spec = get_sampler(sampler)
+        self.cache_dir = Layout(catalog).sampler_cache(sampler) if self.spec.uses_cache else None
         pipeline = load_base_pipeline(catalog.base_model_source, catalog.device, catalog.dtype)
         self.fused_model = read_concept(Layout(catalog).fused(combination_name), pipeline)
         self.adapters = None
@@ -81,9 +82,10 @@ class CombinationModel:
         concepts, resolution = self.combination.concepts, self.catalog.resolution
         if self.adapters is None:
             with self._parts():
-                return self.spec.sample(self.core, list(requests), concepts, resolution, settings, description)
+                return self.spec.sample(self.core, list(requests), concepts, resolution, settings, description,
+                                        cache_dir=self.cache_dir)
         result = self.spec.sample(self.core, list(requests), concepts, resolution, settings, description,
-                                  adapters=self.adapters)
+                                  adapters=self.adapters, cache_dir=self.cache_dir)
         if plain:
             with runtime_concepts(self.core.pipeline, [self.fused_model]):
                 result.plain_images = sample_images(self.core, list(requests), concepts, resolution, settings.steps,

@@ -125,15 +125,16 @@ def invert_keys(core, image: Image.Image, prompt: str, timesteps: Sequence[int],
     probabilities of ``mask_layer`` at ``mask_timestep`` (a sampling timestep), when asked for."""
     key = cache_key(core.pipeline, image, prompt, timesteps, layer_name, resolution, substeps, mask_layer,
                     mask_timestep)
-    if key in _MEMORY:
-        return _MEMORY[key]
     path = None if cache_dir is None else Path(cache_dir) / f"{key}.safetensors"
-    if path is not None and path.is_file():
+    if key in _MEMORY:
+        result = _MEMORY[key]
+    elif path is not None and path.is_file():
         return _remember(key, _from_tensors(load_file(str(path))))
-    result = _invert(core, image, prompt, {int(t) for t in timesteps}, layer_name, resolution, substeps,
-                     mask_layer, mask_timestep)
-    _remember(key, result)
-    if path is not None:  # safetensors, never a pickle
+    else:
+        result = _invert(core, image, prompt, {int(t) for t in timesteps}, layer_name, resolution, substeps,
+                         mask_layer, mask_timestep)
+        _remember(key, result)
+    if path is not None and not path.is_file():  # safetensors, never a pickle; also what memory had
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(path) as temporary:
             save_file(_to_tensors(result), str(temporary))
