@@ -333,3 +333,33 @@ def test_batch_rules_are_enforced(pipeline):
             run(pipeline, PROMPTS, latents(3))
         with pytest.raises(ConceptflowError, match="outside"):
             handle.set_branches([0, 2])
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+@pytest.mark.parametrize("order", [[0, 0, 1, 1, 2, 2], [1, 0, 1, 2, 1, 0]], ids=["sorted", "interleaved"])
+def test_merged_rows_by_runs_or_gathers_equal_each_concept_merged(pipeline, order, grad):
+    """Samples sorted by branch run each branch's linears on contiguous slices (in place without
+    autograd, concatenated with it); interleaved ones gather their rows: same outputs and gradients."""
+    a, b = dense_concept(pipeline, "a", 10), dense_concept(pipeline, "b", 20)
+    branches = [[], [a], [b]]
+    prompts = [PROMPTS[i % 3] for i in range(len(order))]
+    x = latents(len(order), seed=3)
+
+    def output_and_grad(model, prompts, sample):
+        sample = sample.clone().requires_grad_(grad)
+        with torch.set_grad_enabled(grad):
+            text = model.text_encoder(ids_of(model, prompts))[0]
+            out = model.unet(sample, torch.tensor(500), encoder_hidden_states=text).sample
+            gradient = torch.autograd.grad(out.square().sum(), sample)[0] if grad else None
+        return out.detach(), gradient
+
+    with branched_concepts(pipeline, branches, branch_of=order) as handle:
+        out, gradient = output_and_grad(pipeline, prompts, x)
+        call_runs = handle._groups("unet", len(order), x.device)[1]
+    assert (call_runs is not None) == (order == sorted(order))
+    references = [merged(pipeline, concepts) for concepts in branches]
+    for index, branch in enumerate(order):
+        expected, expected_grad = output_and_grad(references[branch], prompts[index:index + 1], x[index:index + 1])
+        assert_close(out[index:index + 1], expected)
+        if grad:
+            assert_close(gradient[index:index + 1], expected_grad)

@@ -113,6 +113,7 @@ class _Call:
 
     batch: int
     groups: dict[int, torch.Tensor | None]  # branch -> row indices (None: every row)
+    runs: tuple[tuple[int, int, int], ...] | None = None  # (branch, first row, end row) when rows come in few runs
     ids: torch.Tensor | None = None
     masks: dict[int, torch.Tensor] = field(default_factory=dict)  # id(token ids) -> mask, for this call
 
@@ -191,7 +192,7 @@ class BranchedConcepts:
         self._records: deque[tuple[torch.Tensor, torch.Tensor]] = deque(maxlen=RECORDED_ENCODES)
         self._generation = 0
         self._match_cache: tuple | None = None
-        self._group_cache: dict[tuple, dict[int, torch.Tensor | None]] = {}
+        self._group_cache: dict[tuple, tuple[dict[int, torch.Tensor | None], tuple | None]] = {}
         self._handles: list = []
         self._restore_rows: dict[int, torch.Tensor] = {}
         self._restore_words: dict[str, str] | None = None
@@ -319,13 +320,17 @@ class BranchedConcepts:
                     table[token_id] = row
 
     # ------------------------------------------------------------------ rows
-    def _groups(self, model: str, batch: int, device: torch.device) -> dict[int, torch.Tensor | None]:
-        """Rows of a ``model`` call of ``batch`` rows per branch (None: all rows), cached until set_branches."""
+    def _groups(self, model: str, batch: int, device: torch.device) -> tuple[dict[int, torch.Tensor | None], tuple | None]:
+        """Rows of a ``model`` call of ``batch`` rows per branch (None: all rows) and, when the
+        rows come in no more runs of one branch than there are repeats of ``branch_of`` (samples
+        sorted by branch: one run per classifier-free-guidance half), the runs ``(branch, start,
+        end)`` in row order; cached until set_branches."""
         key = (model, batch, device)
         if key in self._group_cache:
             return self._group_cache[key]
         if self.n_branches == 1:
             groups: dict[int, torch.Tensor | None] = {0: None}
+            runs = None
         else:
             if self._branch_of is None:
                 raise ConceptflowError("several branches are active: call set_branches(branch_of) before the model runs")
@@ -340,8 +345,12 @@ class BranchedConcepts:
             for branch in rows.unique().tolist():
                 index = (rows == branch).nonzero().flatten()
                 groups[branch] = None if len(index) == batch else index.to(device)
-        self._group_cache[key] = groups
-        return groups
+            starts = [0] + [r for r in range(1, batch) if rows[r] != rows[r - 1]]
+            runs = tuple((int(rows[a]), a, b) for a, b in zip(starts, starts[1:] + [batch]))
+            if len(groups) == 1 or len(runs) > repeats * len(groups):
+                runs = None
+        self._group_cache[key] = (groups, runs)
+        return groups, runs
 
     # ------------------------------------------------------------------ hooks
     def _call_of(self, plan: _LinearPlan, x: torch.Tensor) -> _Call:
@@ -362,9 +371,26 @@ class BranchedConcepts:
             if len(call.groups) == 1:
                 (branch,) = call.groups
                 return F.linear(x, plan.merged.get(branch, module.weight), bias)
+            if call.runs is None:
+                output = x.new_empty(*x.shape[:-1], module.out_features)
+                for branch, index in call.groups.items():
+                    output[index] = F.linear(x[index], plan.merged.get(branch, module.weight), bias)
+                return output
+            if torch.is_grad_enabled() or not x.is_contiguous():  # out= has no autograd
+                return torch.cat([F.linear(x[a:b], plan.merged.get(branch, module.weight), bias)
+                                  for branch, a, b in call.runs])
+            # contiguous runs of rows: each branch's matmul writes its slice of the output in place
+            rows = x.reshape(-1, x.shape[-1])
+            per_sample = rows.shape[0] // x.shape[0]
             output = x.new_empty(*x.shape[:-1], module.out_features)
-            for branch, index in call.groups.items():
-                output[index] = F.linear(x[index], plan.merged.get(branch, module.weight), bias)
+            out_rows = output.view(-1, module.out_features)
+            for branch, a, b in call.runs:
+                weight = plan.merged.get(branch, module.weight).t()
+                piece, target = rows[a * per_sample:b * per_sample], out_rows[a * per_sample:b * per_sample]
+                if bias is None:
+                    torch.mm(piece, weight, out=target)
+                else:
+                    torch.addmm(bias, piece, weight, out=target)
             return output
 
         return forward
@@ -401,7 +427,7 @@ class BranchedConcepts:
 
     def _unet_pre(self, module, args, kwargs):
         sample = kwargs["sample"] if "sample" in kwargs else args[0]
-        call = _Call(sample.shape[0], self._groups("unet", sample.shape[0], sample.device))
+        call = _Call(sample.shape[0], *self._groups("unet", sample.shape[0], sample.device))
         if self._needs_unet_ids:
             context = kwargs.get("encoder_hidden_states", args[2] if len(args) > 2 else None)
             call.ids = self._unet_ids(context, sample.shape[0]).to(sample.device)
@@ -412,8 +438,8 @@ class BranchedConcepts:
 
     def _text_pre(self, module, inputs):
         input_ids = inputs[0]
-        groups = self._groups("text_encoder", input_ids.shape[0], input_ids.device)
-        self._calls["text_encoder"] = _Call(input_ids.shape[0], groups, input_ids.unsqueeze(1))
+        groups, runs = self._groups("text_encoder", input_ids.shape[0], input_ids.device)
+        self._calls["text_encoder"] = _Call(input_ids.shape[0], groups, runs, input_ids.unsqueeze(1))
 
     def _text_post(self, module, inputs, output):
         call = self._calls["text_encoder"]

@@ -95,7 +95,12 @@ class ConductorBatch:
             for j, name in enumerate(names, start=1):
                 self.rows.append(Row(i, j, 1 + self.names.index(name)))
                 prompts.append(branch_prompt(request.prompt, self.class_words, keep=name))
-        self.row_prompts = prompts
+        # rows sorted by adapter (stable: images stay in order within an adapter), so each branch's
+        # rows are one contiguous run per guidance half and its linears run on slices, not gathers
+        order = sorted(range(len(self.rows)), key=lambda r: self.rows[r].adapter)
+        self.rows = [self.rows[r] for r in order]
+        self.row_prompts = [prompts[r] for r in order]
+        prompts = self.row_prompts
         self.base_prompts = [prompts[r] for r, row in enumerate(self.rows) if row.branch == 0]
         self.row_image = torch.tensor([row.image for row in self.rows])
         self.base_rows = torch.tensor([r for r, row in enumerate(self.rows) if row.branch == 0])
