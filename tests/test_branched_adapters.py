@@ -363,3 +363,41 @@ def test_merged_rows_by_runs_or_gathers_equal_each_concept_merged(pipeline, orde
         assert_close(out[index:index + 1], expected)
         if grad:
             assert_close(gradient[index:index + 1], expected_grad)
+
+
+def test_cross_attention_projections_of_an_unchanged_conditioning_are_reused(pipeline):
+    """The text conditioning's keys/values are projected once per conditioning tensor: a second
+    UNet call with it equals the first without projecting again; editing it in place, passing another
+    tensor or reassigning branches projects anew, and each result equals a fresh computation."""
+    a, b = dense_concept(pipeline, "a", 10), dense_concept(pipeline, "b", 20)
+    x = latents(2, seed=4)
+    text = pipeline.text_encoder(ids_of(pipeline, PROMPTS[:2]))[0].detach()
+    timestep = torch.tensor(500)
+
+    def fresh(branch_of, context):
+        with branched_concepts(pipeline, [[a], [b]], branch_of=branch_of):
+            return pipeline.unet(x, timestep, encoder_hidden_states=context).sample
+
+    key_paths = [n for n, m in pipeline.unet.named_modules() if n.endswith("attn2.to_k")]
+    with torch.no_grad(), branched_concepts(pipeline, [[a], [b]], branch_of=[0, 1]) as handle:
+        plan = handle._plans[f"unet.{key_paths[0]}"]
+        first = pipeline.unet(x, timestep, encoder_hidden_states=text).sample
+        second = pipeline.unet(x, timestep, encoder_hidden_states=text).sample
+        assert torch.equal(first, second) and len(plan.reused) == 1
+        reused_output = next(iter(plan.reused.values()))[1]
+        assert pipeline.unet(x + 1, timestep, encoder_hidden_states=text).sample.shape == first.shape
+        assert next(iter(plan.reused.values()))[1] is reused_output  # latents changed, text did not: reused
+        edited = text.clone()
+        changed = pipeline.unet(x, timestep, encoder_hidden_states=edited).sample
+        assert torch.equal(changed, first) and len(plan.reused) == 2  # another tensor: projected anew
+        edited.mul_(0.5)
+        halved = pipeline.unet(x, timestep, encoder_hidden_states=edited).sample
+        assert len(plan.reused) == 3  # edited in place: a new version, projected anew
+        handle.set_branches([1, 0])
+        swapped = pipeline.unet(x, timestep, encoder_hidden_states=text).sample
+        assert len(plan.reused) == 4
+    with torch.no_grad():
+        assert_close(first, fresh([0, 1], text))
+        assert_close(halved, fresh([0, 1], text * 0.5))
+        assert_close(swapped, fresh([1, 0], text))
+    assert not torch.equal(swapped, first)

@@ -10,6 +10,10 @@ a forward hook that adds each branch's update to that branch's samples only::
 By default (``merge=True``) each branch's weights W0 + ΔW_k are formed once on entry (memory: one
 copy of every adapted linear per branch that adapts it, freed on exit) and each linear runs one
 matmul per branch present in the call, on that branch's rows: the matmul work of a merged model.
+In merge mode an adapted linear whose input is the UNet call's text conditioning (cross-attention
+``to_k``/``to_v``, or a view of a layer-wise conditioning) computes its output once per
+conditioning tensor and reuses it while that tensor is passed unchanged (same object, same
+version, same branch assignment): the keys and values of the text do not change from step to step.
 With ``merge=False`` nothing is copied: the linear runs W0 x on every row and adds ΔW_k x[b] on
 each branch's rows (one extra matmul per branch, on that branch's rows). Either way the base
 weights are never rewritten. A branch with no concepts is the base model. Inside
@@ -90,6 +94,12 @@ if TYPE_CHECKING:
 
 MODELS = ("unet", "text_encoder")
 RECORDED_ENCODES = 16  # text-encoder outputs kept (references, not copies) to find UNet rows' token ids
+REUSED_CONTEXTS = 4  # per adapted linear: outputs kept for inputs that are the UNet's text conditioning
+
+
+def _root(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor whose storage ``tensor`` views (itself when it is no view)."""
+    return tensor if tensor._base is None else tensor._base
 
 
 @dataclass
@@ -101,6 +111,7 @@ class _LinearPlan:
     dense: list[tuple[int, torch.Tensor]] = field(default_factory=list)
     merged: dict[int, torch.Tensor] = field(default_factory=dict)  # branch -> W0 + ΔW (merge mode)
     token: list[tuple[int, torch.Tensor, torch.Tensor]] = field(default_factory=list)  # (branch, ΔW, token ids)
+    reused: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # context view -> (context, output)
 
     @property
     def model(self) -> str:
@@ -115,6 +126,7 @@ class _Call:
     groups: dict[int, torch.Tensor | None]  # branch -> row indices (None: every row)
     runs: tuple[tuple[int, int, int], ...] | None = None  # (branch, first row, end row) when rows come in few runs
     ids: torch.Tensor | None = None
+    context: torch.Tensor | None = None  # the UNet call's encoder_hidden_states (storage root)
     masks: dict[int, torch.Tensor] = field(default_factory=dict)  # id(token ids) -> mask, for this call
 
     def token_mask(self, token_ids: torch.Tensor) -> torch.Tensor:
@@ -187,6 +199,7 @@ class BranchedConcepts:
         self._merge = merge
         self._forwards: list[nn.Linear] = []  # linears whose forward is replaced (merge mode), restored on exit
         self._branch_of: torch.Tensor | None = None
+        self._assignment = 0  # counts set_branches calls (outputs reused for one assignment only)
         self._explicit_ids: torch.Tensor | None = None
         self._calls: dict[str, _Call | None] = {model: None for model in MODELS}
         self._records: deque[tuple[torch.Tensor, torch.Tensor]] = deque(maxlen=RECORDED_ENCODES)
@@ -209,6 +222,7 @@ class BranchedConcepts:
         if int(indices.min()) < 0 or int(indices.max()) >= self.n_branches:
             raise ConceptflowError(f"branch_of {indices.tolist()} names a branch outside 0..{self.n_branches - 1}")
         self._branch_of = indices
+        self._assignment += 1
         self._group_cache.clear()
 
     def set_token_ids(self, input_ids: torch.Tensor | None) -> None:
@@ -307,6 +321,7 @@ class BranchedConcepts:
         self._forwards.clear()
         for plan in self._plans.values():
             plan.merged = {}
+            plan.reused.clear()
         self._records.clear()
         self._match_cache = None
         self._calls = {model: None for model in MODELS}
@@ -367,6 +382,23 @@ class BranchedConcepts:
 
         def forward(x: torch.Tensor) -> torch.Tensor:
             call = self._call_of(plan, x)
+            context = call.context
+            if context is None or _root(x) is not context:
+                return project(call, x)
+            # x is (a view of) the UNet call's text conditioning, which stays the same tensor from step to
+            # step: cross-attention keys/values are computed once per conditioning and reused
+            key = (x.data_ptr(), tuple(x.shape), x.stride(), x._version, x.dtype, self._assignment, call.batch)
+            hit = plan.reused.get(key)
+            if hit is not None and hit[0] is context:
+                return hit[1]
+            output = project(call, x)
+            if not output.requires_grad:
+                if len(plan.reused) >= REUSED_CONTEXTS:
+                    plan.reused.pop(next(iter(plan.reused)))
+                plan.reused[key] = (context, output)
+            return output
+
+        def project(call: _Call, x: torch.Tensor) -> torch.Tensor:
             bias = module.bias
             if len(call.groups) == 1:
                 (branch,) = call.groups
@@ -428,8 +460,10 @@ class BranchedConcepts:
     def _unet_pre(self, module, args, kwargs):
         sample = kwargs["sample"] if "sample" in kwargs else args[0]
         call = _Call(sample.shape[0], *self._groups("unet", sample.shape[0], sample.device))
+        context = kwargs.get("encoder_hidden_states", args[2] if len(args) > 2 else None)
+        if context is not None:
+            call.context = _root(context)
         if self._needs_unet_ids:
-            context = kwargs.get("encoder_hidden_states", args[2] if len(args) > 2 else None)
             call.ids = self._unet_ids(context, sample.shape[0]).to(sample.device)
         self._calls["unet"] = call
 
