@@ -50,9 +50,16 @@ TrainConfig = _train_config_union()
 class Concept(StrictModel):
     name: str = Field(description="lower-case identifier; referenced in prompts as <name>")
     class_word: str = Field(description="the concept's class, e.g. 'dog'")
-    images: Path = Field(description="folder of 3-5 photos of the concept (relative to the catalog)")
+    images: Path = Field(description="folder of 3-5 photos of the concept (relative to the catalog); a group's "
+                         "concept has none of its own: it reads the group's")
     train: TrainConfig = Field(default_factory=LoRATrainConfig, description="the training method and its settings; "
                                "method: one of conceptflow.methods.METHODS")
+    # Left out of dumps when unset, so the config hashes of concepts without them stay the same.
+    masks: Path | None = Field(None, exclude_if=lambda value: value is None,
+                               description="folder of given masks, one per photo named as the photo (mask.backend "
+                               "ground_truth); a group's concept: <group masks>/<name>")
+    group: str | None = Field(None, exclude_if=lambda value: value is None,
+                              description="set from `groups:` (do not write it): the group whose photos train it")
 
     @field_validator("name")
     @classmethod
@@ -140,9 +147,107 @@ class Combination(StrictModel):
         return self
 
 
+class Group(StrictModel):
+    """Photos that each show several of the catalog's concepts together (Textual Localization).
+
+    Each listed concept stays an entry of ``concepts:`` (its class word; prompts write it
+    ``<name>``) without photos of its own; the group's photos, masks and ``train:`` settings are
+    its. One training run learns them all; each gets its own concept folder.
+    """
+
+    name: str = Field(description="identifier (letters, digits, '_'; starts with a letter)")
+    images: Path = Field(description="folder of photos each showing the group's concepts (relative to the catalog); "
+                         "a caption beside a photo names them as <name>")
+    concepts: tuple[str, ...] = Field(min_length=2, description="the catalog concepts the photos show, each once")
+    masks: Path | None = Field(None, exclude_if=lambda value: value is None,
+                               description="folder with one subfolder per concept of given masks named as the photos "
+                               "(mask.backend ground_truth, e.g. the toy world's); unset: masks from mask.backend")
+    train: TrainConfig = Field(default_factory=lambda: METHODS["textual_localization"].config(),
+                               description="a method that learns groups (textual_localization) and its settings")
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_identifier(cls, name: str) -> str:
+        if not CONCEPT_NAME.match(name):
+            raise ValueError(f"group name {name!r} must match {CONCEPT_NAME.pattern} (lower-case letters, digits, "
+                             "underscores; starts with a letter)")
+        return name
+
+    @field_validator("concepts")
+    @classmethod
+    def _concepts_once(cls, concepts: tuple[str, ...]) -> tuple[str, ...]:
+        repeated = sorted({name for name in concepts if concepts.count(name) > 1})
+        if repeated:
+            raise ValueError(f"concepts {repeated} are listed more than once: list each concept once")
+        return concepts
+
+    @field_validator("train")
+    @classmethod
+    def _learns_groups(cls, train):
+        if not METHODS[train.method].trains_groups:
+            learners = sorted(name for name, spec in METHODS.items() if spec.trains_groups)
+            raise ValueError(f"train.method {train.method!r} learns one concept from its own photos; a group needs "
+                             f"a method that learns several from photos showing them together: {learners}")
+        return train
+
+
+def _named_entries(value):
+    """A ``{name: spec}`` mapping or a list of specs as a list of dicts with ``name`` (None: neither)."""
+    if isinstance(value, dict):
+        if not all(spec is None or isinstance(spec, dict) for spec in value.values()):
+            return None
+        return [{"name": name, **(spec or {})} for name, spec in value.items()]
+    if isinstance(value, (list, tuple)) and all(isinstance(spec, dict) for spec in value):
+        return [dict(spec) for spec in value]
+    return None
+
+
+def expand_groups(data: dict) -> dict:
+    """The catalog's raw data with each group's concepts given the group's photos, masks and
+    training settings (``group`` set to the group's name). Problems raise one ValueError."""
+    groups, concepts = _named_entries(data.get("groups") or []), _named_entries(data.get("concepts") or [])
+    if not groups or concepts is None:
+        return data
+    by_name = {concept.get("name"): concept for concept in concepts}
+    problems, owner = [], {}
+    for group in groups:
+        name = group.get("name")
+        members = group.get("concepts")
+        if not isinstance(members, (list, tuple)):
+            continue  # the Group model reports it
+        for member in members:
+            concept = by_name.get(member)
+            if concept is None:
+                problems.append(f"groups.{name}.concepts: {member!r} is not in concepts:; add it there with its "
+                                "class_word (and no images)")
+                continue
+            if member in owner:
+                problems.append(f"groups.{name}.concepts: {member!r} is already in group {owner[member]!r}: a "
+                                "concept is learnt in one group")
+                continue
+            owner[member] = name
+            for key in ("images", "train", "masks", "group"):
+                if key in concept:
+                    problems.append(f"concepts.{member}.{key}: {member} is learnt from group {name!r}, whose "
+                                    f"{'settings' if key != 'images' else 'photos'} it uses: remove `{key}:` "
+                                    f"here (set it under groups.{name})")
+            extra = {"images": group.get("images"), "group": name}
+            if "train" in group:
+                extra["train"] = group["train"]
+            else:
+                extra["train"] = {"method": "textual_localization"}
+            if group.get("masks") is not None:
+                extra["masks"] = str(Path(str(group["masks"])) / member)
+            by_name[member] = {**concept, **extra}
+    if problems:
+        raise ValueError("\n".join(problems))
+    return {**data, "concepts": [by_name[concept.get("name")] for concept in concepts]}
+
+
 class MaskConfig(StrictModel):
-    backend: Literal["auto", "saliency", "grounded_sam", "rmbg"] = Field(
-        "auto", description="auto: grounded_sam when its checkpoints are configured, else saliency"
+    backend: Literal["auto", "saliency", "grounded_sam", "rmbg", "ground_truth"] = Field(
+        "auto", description="auto: grounded_sam when its checkpoints are configured, else saliency; ground_truth: "
+        "the masks given in each concept's (or group's) `masks:` folder"
     )
     groundingdino_config: str | None = None
     groundingdino_checkpoint: str | None = None
@@ -225,6 +330,8 @@ class Catalog(StrictModel):
     seed: int = Field(0, description=f"training seed, 0..{SEED_MAX}")
     concepts: tuple[Concept, ...] = Field(min_length=1)
     combinations: tuple[Combination, ...] = ()
+    groups: tuple[Group, ...] = Field((), description="photos showing several concepts together, learnt jointly "
+                                      "(train.method textual_localization)")
     ingest: IngestConfig = Field(default_factory=IngestConfig)
     mask: MaskConfig = Field(default_factory=MaskConfig)
     fuse: FuseConfig = Field(default_factory=FuseConfig)
@@ -232,7 +339,12 @@ class Catalog(StrictModel):
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     root: Path = Field(Path("."), description="folder the catalog lives in; relative paths start here")
 
-    @field_validator("concepts", "combinations", mode="before")
+    @model_validator(mode="before")
+    @classmethod
+    def _groups_to_concepts(cls, data):
+        return expand_groups(data) if isinstance(data, dict) else data
+
+    @field_validator("concepts", "combinations", "groups", mode="before")
     @classmethod
     def _mapping_form(cls, value):
         """Accept ``{name: spec}`` (the form dvc.yaml's foreach reads) as well as a list."""
@@ -265,6 +377,17 @@ class Catalog(StrictModel):
         duplicated = {n for n in names if names.count(n) > 1}
         if duplicated:
             problems.append(f"concept names must be unique; repeated: {sorted(duplicated)}")
+        for concept in self.concepts:
+            if METHODS[concept.train.method].trains_groups and concept.group is None:
+                problems.append(f"concepts.{concept.name}.train.method {concept.train.method!r} learns concepts from "
+                                "photos showing them together: list the concept in a `groups:` entry (with the "
+                                "group's photos) instead of giving it a method here")
+        group_names = [g.name for g in self.groups]
+        if len(set(group_names)) != len(group_names):
+            problems.append(f"group names must be unique; repeated: {sorted({n for n in group_names if group_names.count(n) > 1})}")
+        clashes = sorted(set(group_names) & set(names))
+        if clashes:
+            problems.append(f"groups {clashes} share a name with a concept: give them other names")
         combination_names = [c.name for c in self.combinations]
         duplicated = {n for n in combination_names if combination_names.count(n) > 1}
         if duplicated:
@@ -331,6 +454,18 @@ class Catalog(StrictModel):
     def images_dir(self, concept: Concept) -> Path:
         return self.path(concept.images)
 
+    def group(self, name: str) -> Group:
+        for group in self.groups:
+            if group.name == name:
+                return group
+        raise CatalogError(f"no group named {name!r} in the catalog; known: {[g.name for g in self.groups]}")
+
+    def trained_with(self, concept_name: str) -> tuple[str, ...]:
+        """The concepts one training run learns together with ``concept_name``: its group's, in the
+        group's order, or the concept alone."""
+        group = self.concept(concept_name).group
+        return self.group(group).concepts if group else (concept_name,)
+
     @property
     def data_dir(self) -> Path:
         return self.root / "data"
@@ -376,7 +511,7 @@ def _field_name(loc: tuple, raw: dict) -> str:
     """A pydantic error location as a catalog path, items named as the user wrote them
     (``combinations.dog+cat.seeds.0``, not ``combinations.0.seeds.0``)."""
     parts = [str(part) for part in loc]
-    if len(loc) >= 2 and loc[0] in ("concepts", "combinations") and isinstance(loc[1], int):
+    if len(loc) >= 2 and loc[0] in ("concepts", "combinations", "groups") and isinstance(loc[1], int):
         entries = raw.get(loc[0])
         if isinstance(entries, dict) and loc[1] < len(entries):
             parts[1] = str(list(entries)[loc[1]])

@@ -66,6 +66,15 @@ class Layout:
         keyed by content): outside the DVC outputs, safe to delete."""
         return self._inside(self.root / ".cache" / "samplers", sampler, "sampler name")
 
+    def group_runs(self, group: str) -> Path:
+        """A group's joint training results (Textual Localization), which its concepts' train
+        stages copy their folders from: outside the DVC outputs, safe to delete."""
+        return self._inside(self.root / ".cache" / "groups", group, "group name")
+
+    def class_images(self, key: str) -> Path:
+        """Class-prior images the base drew (``stages.class_images``), by their content key."""
+        return self._inside(self.root / ".cache" / "class_images", key, "class-image key")
+
     def checkpoints(self, concept: str) -> Path:
         """Training checkpoints: kept outside the DVC outputs so a killed run can resume."""
         return self._inside(self.root / ".cache" / "checkpoints", concept, "concept name")

@@ -47,6 +47,12 @@ def method_catalog(tmp_path, method: str):
                                             "prompts": ["a <redbox> and a <bluebox>"], "seeds": [0]}},
         "mask": {"backend": "saliency"}, "fuse": {"method": "gradient"},
     }
+    if METHODS[method].trains_groups:  # learnt together from photos showing both (the group form)
+        write_photos(tmp_path / "photos" / "both", (40, 160, 60), 3)
+        raw["groups"] = {"boxes": {"images": "photos/both", "concepts": ["redbox", "bluebox"],
+                                   "train": {**train, "prior_images": 1, "prior_steps": 1}}}
+        for concept in raw["concepts"].values():
+            del concept["images"], concept["train"]
     path = tmp_path / "catalog.yaml"
     path.write_text(yaml.safe_dump(raw))
     return load_catalog(path)
@@ -64,6 +70,7 @@ def test_method_trains_saves_loads_merges_and_fuses(method, tmp_path, tiny_sd_pa
     for concept in ("redbox", "bluebox"):
         ingest(catalog, concept)
         mask(catalog, concept)
+    for concept in ("redbox", "bluebox"):  # a group's concept trains on every member's masks
         manifest, ran = train(catalog, concept)
         assert ran and manifest.md5
 

@@ -14,10 +14,11 @@ from conceptflow.adapters.concept_io import EMBEDDING_PREFIX, read_adapter, spli
 from conceptflow.adapters.effects import ConceptEffects
 from conceptflow.adapters.merge import read_fused
 from conceptflow.errors import ConceptflowError
-from conceptflow.methods import conceptflow_s, cones2, edlora, textual_inversion, tova
+from conceptflow.methods import conceptflow_s, cones2, edlora, textual_inversion, textual_localization, tova
 from conceptflow.methods.base import ConceptTrainConfig, ConceptTrainer, MethodSpec
 
-_BUILT_IN = (edlora.SPEC, conceptflow_s.SPEC, textual_inversion.SPEC, tova.SPEC, cones2.SPEC)
+_BUILT_IN = (edlora.SPEC, conceptflow_s.SPEC, textual_inversion.SPEC, tova.SPEC, cones2.SPEC,
+             textual_localization.SPEC)
 
 METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in _BUILT_IN}
 

@@ -131,6 +131,9 @@ class MethodSpec:
     reader: str
     exporters: Mapping[str, str] = field(default_factory=dict)
     summary: str = ""
+    # True: the method learns a catalog group's concepts together from photos showing them
+    # (``stages.train_group``); its concepts are listed in ``groups:`` and have no photos of their own.
+    trains_groups: bool = False
 
     def build_trainer(self, setup: ConceptTrainingSetup, config: ConceptTrainConfig, device: str = "cpu"):
         return _resolve(self.trainer)(setup, config, device)

@@ -105,16 +105,27 @@ def _ingest(catalog: Catalog, concept: str) -> tuple[Part, ...]:
 
 
 def _mask(catalog: Catalog, concept: str) -> tuple[Part, ...]:
-    return (Part("mask", catalog.mask), Part(f"concepts.{concept}.class_word", catalog.concept(concept).class_word))
+    entry = catalog.concept(concept)
+    parts = (Part("mask", catalog.mask), Part(f"concepts.{concept}.class_word", entry.class_word))
+    if catalog.mask.backend == "ground_truth" and entry.masks is not None:
+        from conceptflow.data.masks.ground_truth import masks_folder_md5
+
+        parts += (Part(None, masks_folder_md5(catalog.path(entry.masks))),)  # the given masks' content
+    return parts
 
 
 def _train(catalog: Catalog, concept: str) -> tuple[Part, ...]:
     from conceptflow.models.loading import model_fingerprint  # loading imports torch
 
     entry = catalog.concept(concept)
-    return (Part(f"concepts.{concept}.train", entry.train), Part(f"concepts.{concept}.class_word", entry.class_word),
-            Part("base_model", catalog.base_model), Part(None, model_fingerprint(catalog.base_model_source)),
-            Part("seed", catalog.seed), Part("resolution", catalog.resolution), Part("dtype", catalog.dtype))
+    parts = (Part(f"concepts.{concept}.train", entry.train), Part(f"concepts.{concept}.class_word", entry.class_word),
+             Part("base_model", catalog.base_model), Part(None, model_fingerprint(catalog.base_model_source)),
+             Part("seed", catalog.seed), Part("resolution", catalog.resolution), Part("dtype", catalog.dtype))
+    if entry.group is not None:  # one run learns the group: its members and their class words decide the result
+        group = catalog.group(entry.group)
+        parts += (Part(f"groups.{group.name}", group),
+                  Part(None, [catalog.concept(member).class_word for member in group.concepts]))
+    return parts
 
 
 def _fuse(catalog: Catalog, combination: str) -> tuple[Part, ...]:
@@ -173,6 +184,8 @@ def upstream_items(catalog: Catalog, row: Stage, upstream: Stage, item: str | No
     if row.fan_out == "catalog":
         return upstream.items(catalog)
     if upstream.fan_out == row.fan_out:
+        if row.name == "train" and upstream.fan_out == "concept":
+            return catalog.trained_with(item)  # a group's concept trains on every member's photos and masks
         return (item,)
     if (row.fan_out, upstream.fan_out) == ("combination", "concept"):
         return catalog.combination(item).concepts
@@ -203,9 +216,15 @@ def upstream_md5s(catalog: Catalog, name: str, item: str | None = None) -> dict[
             md5s[folder.relative_to(data).as_posix()] = manifest.md5 if manifest else "missing"
             continue
         manifest = require_manifest(folder, upstream.output, upstream.command(upstream_item))
-        label = upstream.layout if upstream.fan_out == row.fan_out else f"{upstream.layout}.{upstream_item}"
+        alone = upstream.fan_out == row.fan_out and upstream_item == item and catalog_alone(catalog, row, item)
+        label = upstream.layout if alone else f"{upstream.layout}.{upstream_item}"
         md5s[label] = manifest.md5
     return md5s
+
+
+def catalog_alone(catalog: Catalog, row: Stage, item: str | None) -> bool:
+    """False for a group's concept at the train stage (its upstream is labelled per member)."""
+    return not (row.name == "train" and row.fan_out == "concept" and len(catalog.trained_with(item)) > 1)
 
 
 def needed_for(name: str) -> tuple[Stage, ...]:
@@ -229,7 +248,16 @@ def plan(catalog: Catalog, rows: tuple[Stage, ...] = STAGES,
         combinations = tuple(combination.name for combination in catalog.combinations)
     else:
         concepts = tuple(dict.fromkeys(c for name in combinations for c in catalog.combination(name).concepts))
-    jobs = [(row, concept) for concept in concepts for row in rows if row.fan_out == "concept"]
+    # A group's concepts run together: each one's stages up to training, then their training
+    # (which reads every member's masks); a concept alone runs through its stages as before.
+    units = list(dict.fromkeys(catalog.trained_with(concept) for concept in concepts))
+    concept_rows = [row for row in rows if row.fan_out == "concept"]
+    jobs = []
+    for unit in units:
+        before = [row for row in concept_rows if row.name != "train"] if len(unit) > 1 else concept_rows
+        jobs += [(row, concept) for concept in unit for row in before]
+        if len(unit) > 1:
+            jobs += [(row, concept) for row in concept_rows if row.name == "train" for concept in unit]
     jobs += [(row, combination) for combination in combinations for row in rows if row.fan_out == "combination"]
     jobs += [(row, catalog.project) for row in rows if row.fan_out == "catalog"]
     return jobs

@@ -24,6 +24,10 @@ from conceptflow.train.precision import Precision, base_dtype_name, trainable_in
 
 def train(catalog: Catalog, concept_name: str, force: bool = False, stop_after: int | None = None):
     concept = catalog.concept(concept_name)
+    if concept.group is not None:  # learnt with its group's other concepts, from the group's photos
+        from conceptflow.stages.train_group import train_group_concept
+
+        return train_group_concept(catalog, concept_name, force, stop_after)
     layout = Layout(catalog)
     upstream = upstream_md5s(catalog, "train", concept_name)  # {"images": md5, "masks": md5}
     base_hash = model_fingerprint(catalog.base_model_source)  # memoised: the config hash below reads it too
