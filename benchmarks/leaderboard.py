@@ -37,6 +37,8 @@ Per (method, sampler) row, each with a 95% percentile-bootstrap interval
   through the train stage's ``run_training`` ``on_log`` hook with ``log_every: 1``; a step's
   time includes a checkpoint written just before it), pooled over the method's concepts;
   bootstrap over steps;
+- adapter size: KB of a concept's saved tensors (``adapter.safetensors`` and any other
+  safetensors file of its concept folder: what a user ships per concept), over the method's concepts;
 - s/img: wall seconds of one call of the sampler's registry entry point on a batch, divided by
   the batch's images (ConceptFlow-M's entry point also samples the plain fused images of the
   same requests for comparison: its cost is in the figure), pooled over every method's fused
@@ -96,6 +98,7 @@ METRICS = (  # (key, column title, higher is better)
     ("omission", "omission", False),
     ("redundancy", "redundancy", False),
     ("seconds_per_step", "s/step (train)", False),
+    ("adapter_kb", "adapter size (KB)", False),
     ("seconds_per_image", "s/img (sample)", False),
 )
 
@@ -171,9 +174,11 @@ class PhaseClock:
 def recorded_step_seconds():
     """Inside, the train stage's ``run_training`` records each step's (wall, CPU) seconds
     (through its ``on_log`` hook, called every ``log_every`` steps; the benchmark catalog logs
-    every step)."""
+    every step), for concepts learnt alone and for groups learnt together."""
     import conceptflow.stages.train as train_stage
+    import conceptflow.stages.train_group as group_stage
 
+    modules = (train_stage, group_stage)
     original = train_stage.run_training
     seconds: list[tuple[float, float]] = []  # (wall, CPU) seconds per step
 
@@ -189,11 +194,13 @@ def recorded_step_seconds():
 
         return original(*args, on_log=record, **kwargs)
 
-    train_stage.run_training = timed_run_training
+    for module in modules:
+        module.run_training = timed_run_training
     try:
         yield seconds
     finally:
-        train_stage.run_training = original
+        for module in modules:
+            module.run_training = original
 
 
 def write_method_catalog(folder: Path, method: str, combinations: dict, settings: dict, base: Path) -> Path:
@@ -203,15 +210,36 @@ def write_method_catalog(folder: Path, method: str, combinations: dict, settings
     (``settings["fuse"]`` in their place if given)."""
     from conceptflow.methods import get_method
     from conceptflow.toy.concepts import write_toy_catalog
+    from conceptflow.toy.groups import write_toy_group_catalog
 
     concepts = list(dict.fromkeys(name for pair in combinations.values() for name in pair))
     seeds = list(range(HELD_OUT_SEED, HELD_OUT_SEED + settings["seeds"]))
-    path = write_toy_catalog(folder, concepts, images_per_concept=5, base_model=str(base),
-                             train_steps=settings["train_steps"], combinations=combinations, prompt_seeds=seeds)
-    catalog = yaml.safe_load(path.read_text())
     fields = get_method(method).config.model_fields
-    for spec in catalog["concepts"].values():
-        spec["train"] = {**{k: v for k, v in spec["train"].items() if k in fields}, "method": method, "log_every": 1}
+    if get_method(method).trains_groups:
+        # a method that learns concepts from photos showing them together: the combinations' pairs
+        # that share no concept become groups (toy photos of both, ground-truth masks)
+        groups, grouped = {}, set()
+        for pair in combinations.values():
+            if not grouped & set(pair):
+                groups[f"group{len(groups)}"] = pair
+                grouped |= set(pair)
+        left = [name for name in concepts if name not in grouped]
+        path = write_toy_group_catalog(folder, groups, photos_per_group=5, base_model=str(base),
+                                       train_steps=settings["train_steps"], single_concepts=left,
+                                       combinations=combinations, prompt_seeds=seeds)
+        catalog = yaml.safe_load(path.read_text())
+        for spec in catalog["groups"].values():
+            spec["train"] = {**{k: v for k, v in spec["train"].items() if k in fields}, "method": method,
+                             "log_every": 1}
+        for name in left:  # not in a group: learnt alone by the default method (none with these pairs)
+            catalog["concepts"][name]["train"]["log_every"] = 1
+    else:
+        path = write_toy_catalog(folder, concepts, images_per_concept=5, base_model=str(base),
+                                 train_steps=settings["train_steps"], combinations=combinations, prompt_seeds=seeds)
+        catalog = yaml.safe_load(path.read_text())
+        for spec in catalog["concepts"].values():
+            spec["train"] = {**{k: v for k, v in spec["train"].items() if k in fields}, "method": method,
+                             "log_every": 1}
     for key, spec in catalog["combinations"].items():
         spec["prompts"] = held_out_prompts(combinations[key], settings["templates"])
     # the default catalog's fusion (unless the run's settings name one)
@@ -247,9 +275,10 @@ def score_images(arm: Arm, images, prompts, pair, class_words, evaluators, refer
 
 
 def run_method(catalog, settings: dict, args, evaluators, references, arms: dict, sample_seconds: dict,
-               progress, clock: PhaseClock) -> list[tuple[float, float]]:
+               progress, clock: PhaseClock) -> tuple[list[tuple[float, float]], list[float]]:
     """Train every concept of ``catalog`` (one method's), fuse and sample each combination;
-    returns the method's (wall, CPU) seconds per training step."""
+    returns the method's (wall, CPU) seconds per training step and its concepts' adapter sizes (KB)."""
+    from conceptflow.layout import Layout
     from conceptflow.sample.core import SampleRequest
     from conceptflow.stages.combination_model import CombinationModel
     from conceptflow.stages.fuse import fuse
@@ -260,15 +289,20 @@ def run_method(catalog, settings: dict, args, evaluators, references, arms: dict
     method = catalog.concepts[0].train.method
     class_words = {concept.name: concept.class_word for concept in catalog.concepts}
     with recorded_step_seconds() as step_seconds:
-        for concept in catalog.concepts:
-            progress.set_description(f"{method}: train {concept.name}")
+        for concept in catalog.concepts:  # every concept's masks first: a group's training reads them all
             with clock("ingest+mask"):
                 ingest(catalog, concept.name)
                 mask(catalog, concept.name)
+        for concept in catalog.concepts:
+            progress.set_description(f"{method}: train {concept.name}")
             with clock("train"):
                 train(catalog, concept.name)
             progress.update(1)
-    expected = sum(concept.train.steps for concept in catalog.concepts)
+    adapter_kb = [sum(f.stat().st_size for f in Layout(catalog).adapter(concept.name).glob("*.safetensors")) / 1024
+                  for concept in catalog.concepts]
+    # a group's concepts are learnt in one run: its steps count once
+    runs = {catalog.trained_with(concept.name): concept.train.steps for concept in catalog.concepts}
+    expected = sum(runs.values())
     if len(step_seconds) != expected:
         raise RuntimeError(f"recorded {len(step_seconds)} training steps of {method}, expected {expected}: either "
                            "--workdir holds adapters of an earlier run (the train stage skipped them; use a fresh "
@@ -298,20 +332,21 @@ def run_method(catalog, settings: dict, args, evaluators, references, arms: dict
                 if len(arm.samples) < args.sample_columns:
                     arm.samples += result.images[:args.sample_columns - len(arm.samples)]
                 progress.update(1)
-    return step_seconds
+    return step_seconds, adapter_kb
 
 
 def mean_cpu(seconds: list[tuple[float, float]]) -> float:
     return sum(cpu for _, cpu in seconds) / len(seconds)
 
 
-def leaderboard_rows(arms: dict, step_seconds: dict, sample_seconds: dict) -> list[dict]:
+def leaderboard_rows(arms: dict, step_seconds: dict, sample_seconds: dict, adapter_kb: dict) -> list[dict]:
     rows = []
     for (method, sampler), arm in arms.items():
         row = {"method": method, "sampler": sampler, "images": len(arm.identity)}
         for key in ("identity", "alignment", "omission", "redundancy"):
             row[key] = bootstrap_mean(getattr(arm, key))
         row["seconds_per_step"] = bootstrap_mean([wall for wall, _ in step_seconds[method]])
+        row["adapter_kb"] = bootstrap_mean(adapter_kb[method])
         row["seconds_per_image"] = bootstrap_mean([wall for wall, _ in sample_seconds[sampler]])
         rows.append(row)
     return rows
@@ -323,7 +358,7 @@ def write_table(rows: list[dict], out: Path, header: list[str]) -> str:
     lines = ["| " + " | ".join(titles) + " |", "|" + "---|" * len(titles)]
     for row in rows:
         cells = [row["method"], row["sampler"], str(row["images"])]
-        cells += [row[key].format(3 if key not in ("seconds_per_step", "seconds_per_image") else 4)
+        cells += [row[key].format({"seconds_per_step": 4, "seconds_per_image": 4, "adapter_kb": 1}.get(key, 3))
                   for key, _, _ in METRICS]
         lines.append("| " + " | ".join(cells) + " |")
     table = "\n".join(lines)
@@ -350,7 +385,7 @@ def save_chart(rows: list[dict], path: Path, title: str) -> None:
     from matplotlib.patches import Patch
 
     labels = [f"{row['method']} / {row['sampler']}" for row in rows]
-    figure, axes = plt.subplots(2, 3, figsize=(13, 2.2 + 0.9 * len(rows)), sharey=True)
+    figure, axes = plt.subplots(2, 4, figsize=(17, 2.2 + 0.9 * len(rows)), sharey=True)
     samplers = list(dict.fromkeys(row["sampler"] for row in rows))
     palette = plt.get_cmap("tab10").colors
     colours = [palette[samplers.index(row["sampler"]) % len(palette)] for row in rows]
@@ -365,6 +400,10 @@ def save_chart(rows: list[dict], path: Path, title: str) -> None:
         axis.set_yticks(range(len(rows)), labels, fontsize=8)
         axis.invert_yaxis()
         axis.grid(axis="x", alpha=0.3)
+        if key == "adapter_kb":
+            axis.set_xscale("log")  # a residual of a few KB beside LoRAs of MBs
+    for axis in axes.flat[len(METRICS):]:
+        axis.set_visible(False)
     figure.legend(handles=[Patch(color=palette[i % len(palette)], label=name)
                            for i, name in enumerate(samplers)], loc="upper right", fontsize=8, title="sampler")
     figure.suptitle(title, fontsize=10)
@@ -431,6 +470,7 @@ def main() -> None:
     images_per_arm = len(combinations) * settings["templates"] * settings["seeds"]
     arms: dict = {}
     step_seconds: dict = {}
+    adapter_kb: dict = {}
     sample_seconds: dict = {}
     clock = PhaseClock()
     started = time.perf_counter()
@@ -454,6 +494,7 @@ def main() -> None:
             f"{HELD_OUT_SEED + settings['seeds'] - 1} per combination = {images_per_arm} images per row; "
             f"identity references: 8 views per concept rendered with seed {HELD_OUT_SEED}",
             "intervals: 95% percentile bootstrap (2000 resamples) over images; s/step over training steps; "
+            "adapter size over concepts; "
             f"s/img over sampler batches; torch threads {args.threads}",
         ]
         print("\n".join(header), flush=True)
@@ -461,9 +502,9 @@ def main() -> None:
         total = len(methods) * (len(first.concepts) + len(samplers) * batches)
         with tqdm(total=total, desc="leaderboard", mininterval=2.0) as progress:
             for method, catalog in catalogs.items():
-                step_seconds[method] = run_method(catalog, settings, args, evaluators, references, arms,
+                step_seconds[method], adapter_kb[method] = run_method(catalog, settings, args, evaluators, references, arms,
                                                   sample_seconds, progress, clock)
-    rows = leaderboard_rows(arms, step_seconds, sample_seconds)
+    rows = leaderboard_rows(arms, step_seconds, sample_seconds, adapter_kb)
     table = write_table(rows, args.out, header)
     save_chart(rows, args.out / "leaderboard.png", f"toy-world leaderboard: {images_per_arm} images per row, "
                "95% bootstrap intervals")
