@@ -15,14 +15,17 @@ inversions); only the UNet calls differ (``ConductorBatch._unet``):
   branch, ``copy.deepcopy`` of the base UNet, the branch's adapter merged as the reference's
   ``merge_lora_into_weight`` does (a deep copy of the state dict with W0 + scale * ΔW,
   ``load_state_dict``), one call for that branch's rows, the copy freed with ``gc.collect()``
-  where the reference calls it; then the base rows on the base UNet. Not counted against the
-  reference: its LoRA up @ down products at each merge (our ΔW is stored dense), its deep copies of
-  the attention processors, and its extra base-UNet call on the reference latent at every alignment
-  step (both strategies here read the keys cached at inversion). The concept branches' text is
-  encoded once per batch by both (shared here).
+  where the reference calls it; then the base rows on the base UNet. As the reference, each merge
+  forms ΔW = up @ down from the concept's LoRA factors (``merge_lora_into_weight``; ours forms it
+  once when the concept is read), and every alignment step runs a no-grad base-UNet pass on the
+  reference latent to read its keys (l.700-712; ours reads them from the inversion cache): here on a
+  stand-in latent of its shape, stopped at the alignment layer, its keys discarded, so both strategies
+  read the same cached keys and give the same images. Not counted: its deep copies of the attention
+  processors. The concept branches' text is encoded once per batch by both (shared here). The
+  speedup is printed with and without those two reference-only costs (timed apart).
 
-Concepts are random ΔW on every UNet attention linear (q, k, v, out, as ED-LoRA adapts) and the
-text encoder's attention, with random layer-wise tokens. Time is this process's CPU time on one
+Concepts are random rank-4 LoRA factors on every UNet attention linear (q, k, v, out, as ED-LoRA
+adapts) and random ΔW on the text encoder's attention, with random layer-wise tokens. Time is this process's CPU time on one
 thread (``time.process_time``); the strategies run interleaved ``--repeats`` times and the fastest
 of each is kept. Mask refinement (k-means, the same code and inputs for both) is timed apart and
 reported; the speedups are of the whole ``run`` (refinement included). Images: max abs difference
@@ -51,12 +54,14 @@ from conceptflow.adapters.tokens import concept_token_strings  # noqa: E402
 from conceptflow.config import GenerateConfig  # noqa: E402
 from conceptflow.models.loading import load_base_pipeline  # noqa: E402
 from conceptflow.attention.processor import StopForward  # noqa: E402
+from conceptflow.sample.conductor.inversion import KeyRecorder  # noqa: E402
 from conceptflow.sample.conductor.pipeline import ConductorBatch  # noqa: E402
 from conceptflow.sample.core import SampleRequest, SamplingCore  # noqa: E402
 
 NAMES = (("dog", "dog"), ("cat", "cat"), ("owl", "bird"))
 PROMPTS = {2: "a <dog> and a <cat> on the beach", 3: "a <dog>, a <cat> and an <owl> on the beach"}
 LATENT_TOLERANCE, IMAGE_TOLERANCE = 1e-3, 2
+RANK = 4  # ED-LoRA's rank
 
 
 def load_model(model: str):
@@ -83,13 +88,21 @@ def random_concept(pipeline, n_layers: int, name: str, class_word: str, seed: in
              and ".attn" in n and n.rsplit(".", 1)[-1] in ("to_q", "to_k", "to_v", "0")]
     paths += [f"text_encoder.{n}" for n, m in pipeline.text_encoder.named_modules()
               if isinstance(m, torch.nn.Linear) and "self_attn" in n]
-    deltas = {}
+    deltas, factors = {}, {}
     for path in paths:
         weight = get_linear(pipeline, path).weight.detach()
-        deltas[path] = 0.3 * weight.std() * torch.randn(weight.shape, generator=generator)
+        if path.startswith("unet."):  # LoRA factors, as a saved ED-LoRA holds them; ΔW = up @ down
+            scale = (0.3 * weight.std() / RANK ** 0.5) ** 0.5
+            up = scale * torch.randn(weight.shape[0], RANK, generator=generator)
+            down = scale * torch.randn(RANK, weight.shape[1], generator=generator)
+            factors[path] = (up, down)
+            deltas[path] = up @ down
+        else:
+            deltas[path] = 0.3 * weight.std() * torch.randn(weight.shape, generator=generator)
     width = pipeline.text_encoder.get_input_embeddings().weight.shape[1]
     embeddings = {t: torch.randn(width, generator=generator) for t in concept_token_strings(name, n_layers)}
-    return ConceptEffects({"name": name, "class_word": class_word}, embeddings=embeddings, deltas=deltas)
+    return ConceptEffects({"name": name, "class_word": class_word, "lora_factors": factors}, embeddings=embeddings,
+                          deltas=deltas)
 
 
 def bare_copy(unet):
@@ -102,17 +115,21 @@ def bare_copy(unet):
         controller.hooks = hooks
 
 
-def merge_into(unet, concepts, scale: float) -> None:
+def merge_into(unet, concepts, scale: float) -> float:
     """The reference's merge (``merge_lora_into_weight``): a deep copy of the UNet's state dict with
-    W0 + scale * ΔW at the adapted weights, loaded back with ``load_state_dict``. (Its ΔW is
-    up @ down of the LoRA factors, computed at each merge; ours is stored dense, which is cheaper.)"""
+    W0 + scale * (up @ down) at the adapted weights, loaded back with ``load_state_dict``. Returns
+    the process seconds spent forming up @ down (a reference-only cost: ours forms ΔW once)."""
     state = copy.deepcopy(unet.state_dict())
+    product_seconds = 0.0
     for concept in concepts:
-        for path, delta in concept.deltas.items():
-            if path.startswith("unet."):
-                key = path.removeprefix("unet.") + ".weight"
-                state[key] = state[key] + scale * delta.to(state[key].dtype)
+        for path, (up, down) in concept.meta["lora_factors"].items():
+            key = path.removeprefix("unet.") + ".weight"
+            start = time.process_time()
+            delta = up @ down
+            product_seconds += time.process_time() - start
+            state[key] = state[key] + scale * delta.to(state[key].dtype)
     unet.load_state_dict(state)
+    return product_seconds
 
 
 class DeepcopyBatch(ConductorBatch):
@@ -124,6 +141,7 @@ class DeepcopyBatch(ConductorBatch):
         self.template = template  # the base UNet without the batched strategy's hooks
         self.copy_seconds = 0.0  # process time in deep copies, merges and the reference's gc.collect() calls
         self.gc_seconds = 0.0  # of which gc.collect()
+        self.reference_only_seconds = 0.0  # the reference's per-alignment-step key pass and its up @ down products
 
     def _collect(self) -> None:
         start = time.process_time()
@@ -143,6 +161,20 @@ class DeepcopyBatch(ConductorBatch):
                 handle.remove()
             unet.attention_controller.hooks = []
 
+    @torch.no_grad()
+    def _reference_key_pass(self, sample, timestep, conditioning) -> None:
+        """The reference's no-grad base pass on the reference latent at each alignment step, up to the
+        alignment layer (a stand-in latent of its shape; the keys are discarded)."""
+        start = time.process_time()
+        self.template.attention_controller.hooks = [KeyRecorder(self.alignment_layer, stop=True)]
+        try:
+            self.template(sample.detach(), timestep, encoder_hidden_states=conditioning.detach())
+        except StopForward:
+            pass
+        finally:
+            self.template.attention_controller.hooks = []
+        self.reference_only_seconds += time.process_time() - start
+
     def _unet(self, sample, timestep, conditioning, rows):
         n_rows, halves = len(rows), sample.shape[0] // len(rows)
         out: list = [None] * sample.shape[0]
@@ -152,12 +184,14 @@ class DeepcopyBatch(ConductorBatch):
             if adapter:
                 start = time.process_time()
                 unet = bare_copy(self.template)
-                merge_into(unet, self.branches[adapter], self.config.lora_scale)
+                self.reference_only_seconds += merge_into(unet, self.branches[adapter], self.config.lora_scale)
                 if self.hooks.aligning:  # the reference collects garbage here in its guidance pass
                     self._collect()
                 self.copy_seconds += time.process_time() - start
             else:
                 unet = self.template
+                if self.hooks.aligning:
+                    self._reference_key_pass(sample[index], timestep, conditioning[index])
             result = self._run_on(unet, sample[index], timestep, conditioning[index], [rows[r] for r in picked])
             if adapter:
                 start = time.process_time()
@@ -191,7 +225,8 @@ def run_once(core, cls, requests, adapters, resolution, settings, layouts, **ext
     start = time.process_time()
     latents = batch.run()
     return (time.process_time() - start, timer.seconds,
-            (getattr(batch, "copy_seconds", 0.0), getattr(batch, "gc_seconds", 0.0)), latents)
+            (getattr(batch, "copy_seconds", 0.0), getattr(batch, "gc_seconds", 0.0),
+             getattr(batch, "reference_only_seconds", 0.0)), latents)
 
 
 def main() -> None:
@@ -224,7 +259,7 @@ def main() -> None:
         probe = ConductorBatch(core, requests, adapters, resolution, settings)
         layouts = core.decode(probe.plain_base())  # the base's drawings; their inversions are cached below
         run_once(core, ConductorBatch, requests, adapters, resolution, settings, layouts)  # warm-up + inversion
-        best = {"batched": (np.inf, 0.0, (0.0, 0.0)), "deepcopy": (np.inf, 0.0, (0.0, 0.0))}
+        best = {"batched": (np.inf, 0.0, (0.0, 0.0, 0.0)), "deepcopy": (np.inf, 0.0, (0.0, 0.0, 0.0))}
         results = {}
         for _ in range(args.repeats):
             for name, cls, extra in (("batched", ConductorBatch, {}), ("deepcopy", DeepcopyBatch, {"template": template})):
@@ -239,10 +274,13 @@ def main() -> None:
         same = latent_diff <= LATENT_TOLERANCE and image_diff <= IMAGE_TOLERANCE
         speedups[k] = best["deepcopy"][0] / best["batched"][0]
         excluding = (best["deepcopy"][0] - best["deepcopy"][1]) / (best["batched"][0] - best["batched"][1])
+        reference_only = best["deepcopy"][2][2]
+        without_reference_only = (best["deepcopy"][0] - reference_only) / best["batched"][0]
         print(f"K={k}: batched {best['batched'][0]:.2f} s (refinement {best['batched'][1]:.2f} s), deepcopy "
               f"{best['deepcopy'][0]:.2f} s (refinement {best['deepcopy'][1]:.2f} s, copies, merges and gc "
               f"{best['deepcopy'][2][0]:.2f} s, of which gc.collect {best['deepcopy'][2][1]:.2f} s); speedup {speedups[k]:.2f}x, "
-              f"{excluding:.2f}x without refinement; max abs diff latents {latent_diff:.2e}, images {image_diff} "
+              f"{excluding:.2f}x without refinement, {without_reference_only:.2f}x without the reference-only key passes and "
+              f"up @ down products ({reference_only:.2f} s); max abs diff latents {latent_diff:.2e}, images {image_diff} "
               f"(8-bit levels) -> {'same within tolerance' if same else 'DIFFERENT'}")
     print(f"load {os.getloadavg()}")
     print(f"speedup batched vs deepcopy = {speedups[2]:.2f}")

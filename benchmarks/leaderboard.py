@@ -231,6 +231,8 @@ def write_method_catalog(folder: Path, method: str, combinations: dict, settings
         for spec in catalog["groups"].values():
             spec["train"] = {**{k: v for k, v in spec["train"].items() if k in fields}, "method": method,
                              "log_every": 1}
+            for member in spec["concepts"]:  # the members write the group's settings too (dvc.yaml reads them)
+                catalog["concepts"][member]["train"] = dict(spec["train"])
         for name in left:  # not in a group: learnt alone by the default method (none with these pairs)
             catalog["concepts"][name]["train"]["log_every"] = 1
     else:

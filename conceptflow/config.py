@@ -204,44 +204,51 @@ def _named_entries(value):
 
 def expand_groups(data: dict) -> dict:
     """The catalog's raw data with each group's concepts given the group's photos, masks and
-    training settings (``group`` set to the group's name). Problems raise one ValueError."""
+    training settings (``group`` set to the group's name). A member may write the group's
+    ``images`` and ``train`` itself (dvc.yaml reads them per concept), and a group without
+    ``train`` takes its members' (which must agree); a value that differs from the group's is a
+    problem. Problems raise one ValueError."""
     groups, concepts = _named_entries(data.get("groups") or []), _named_entries(data.get("concepts") or [])
     if not groups or concepts is None:
         return data
     by_name = {concept.get("name"): concept for concept in concepts}
-    problems, owner = [], {}
+    problems, owner, expanded_groups = [], {}, []
     for group in groups:
         name = group.get("name")
         members = group.get("concepts")
         if not isinstance(members, (list, tuple)):
+            expanded_groups.append(group)
             continue  # the Group model reports it
+        given = [by_name[m]["train"] for m in members if m in by_name and "train" in by_name[m]]
+        train = group.get("train", given[0] if given else {"method": "textual_localization"})
+        group = {**group, "train": train}
+        expanded_groups.append(group)
         for member in members:
             concept = by_name.get(member)
             if concept is None:
                 problems.append(f"groups.{name}.concepts: {member!r} is not in concepts:; add it there with its "
-                                "class_word (and no images)")
+                                "class_word")
                 continue
             if member in owner:
                 problems.append(f"groups.{name}.concepts: {member!r} is already in group {owner[member]!r}: a "
                                 "concept is learnt in one group")
                 continue
             owner[member] = name
-            for key in ("images", "train", "masks", "group"):
-                if key in concept:
-                    problems.append(f"concepts.{member}.{key}: {member} is learnt from group {name!r}, whose "
-                                    f"{'settings' if key != 'images' else 'photos'} it uses: remove `{key}:` "
-                                    f"here (set it under groups.{name})")
-            extra = {"images": group.get("images"), "group": name}
-            if "train" in group:
-                extra["train"] = group["train"]
-            else:
-                extra["train"] = {"method": "textual_localization"}
+            if "group" in concept:
+                problems.append(f"concepts.{member}.group: set from groups: (list the concept in a group's "
+                                "`concepts:`); remove it here")
+            wanted = {"images": group.get("images"), "train": train}
             if group.get("masks") is not None:
-                extra["masks"] = str(Path(str(group["masks"])) / member)
-            by_name[member] = {**concept, **extra}
+                wanted["masks"] = (Path(str(group["masks"])) / member).as_posix()
+            for key, value in wanted.items():
+                if key in concept and str(concept[key]) != str(value) and concept[key] != value:
+                    problems.append(
+                        f"concepts.{member}.{key}: {concept[key]!r} differs from group {name!r}'s {value!r}: the "
+                        f"group's concepts learn from its photos in one run; leave `{key}:` out here or make it equal")
+            by_name[member] = {**concept, **wanted, "group": name}
     if problems:
         raise ValueError("\n".join(problems))
-    return {**data, "concepts": [by_name[concept.get("name")] for concept in concepts]}
+    return {**data, "concepts": [by_name[concept.get("name")] for concept in concepts], "groups": expanded_groups}
 
 
 class MaskConfig(StrictModel):

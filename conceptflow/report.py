@@ -77,6 +77,10 @@ def concept_section(layout: Layout, catalog: Catalog, name: str) -> str:
     parts = [f"<section class='concept' data-concept='{html.escape(name)}'>",
              f"<h2>Concept &lt;{html.escape(name)}&gt; <span class='meta'>class: {html.escape(concept.class_word)}, "
              f"method: {html.escape(concept.train.method)}</span></h2>"]
+    if concept.group is not None:
+        others = [other for other in catalog.group(concept.group).concepts if other != name]
+        parts.append(f"<p class='meta group'>learnt together with {html.escape(', '.join(others))} from group "
+                     f"{html.escape(concept.group)}'s photos (masks below: this concept's)</p>")
     images = sorted(layout.images(name).glob("[0-9][0-9][0-9].png"))
     if images:
         parts.append("<h3>Training photos and masks</h3><div class='row'>")

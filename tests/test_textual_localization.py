@@ -92,7 +92,10 @@ def test_group_concepts_take_the_groups_photos_masks_and_settings(tmp_path):
 @pytest.mark.parametrize("change, message", [
     (lambda raw: raw["concepts"]["zigzag_star"].update(images="elsewhere"), r"concepts\.zigzag_star\.images"),
     (lambda raw: raw["groups"]["pair"]["concepts"].append("nobody"), r"'nobody' is not in concepts"),
-    (lambda raw: raw["groups"]["pair"].update(train={"method": "edlora"}), r"learns one concept from its own photos"),
+    (lambda raw: [entry.update(train={"method": "edlora"}) for entry in (raw["groups"]["pair"],
+                                                                          *raw["concepts"].values())],
+     r"learns one concept from its own photos"),
+    (lambda raw: raw["concepts"]["eye_heart"]["train"].update(steps=7), r"concepts\.eye_heart\.train: .* differs"),
     (lambda raw: raw["concepts"].update(lone={"class_word": "star", "images": "groups/pair",
                                               "train": {"method": "textual_localization"}}),
      r"concepts\.lone\.train\.method 'textual_localization' learns concepts from photos showing them together"),

@@ -97,8 +97,9 @@ def write_toy_group_catalog(folder: str | Path, groups: Mapping[str, Sequence[st
         images, masks = write_group_photos(folder, group, names, photos_per_group, seed)
         groups_yaml[group] = {"images": images.as_posix(), "masks": masks.as_posix(), "concepts": list(names),
                               "train": dict(settings)}
-        for name in names:
-            concepts_yaml[name] = {"class_word": TOY_CONCEPTS[name].class_word}
+        for name in names:  # images and train written out too: dvc.yaml reads them per concept
+            concepts_yaml[name] = {"class_word": TOY_CONCEPTS[name].class_word, "images": images.as_posix(),
+                                   "train": dict(settings)}
     for name in single_concepts:
         write_concept_images(folder / "concepts" / name, name, photos_per_group, seed)
         masks = folder / "concepts" / f"{name}_masks"
@@ -119,6 +120,8 @@ def write_toy_group_catalog(folder: str | Path, groups: Mapping[str, Sequence[st
         "project": "conceptflow-toy-groups", "base_model": base_model, "device": "cpu", "dtype": "float32",
         "resolution": IMAGE_SIZE, "seed": seed, "mask": {"backend": "ground_truth"},
         "groups": groups_yaml, "concepts": concepts_yaml, "combinations": combinations_yaml,
+        # written out (defaults) because dvc.yaml lists them as params
+        "fuse": {"method": "gradient"}, "generate": {"sampler": "fused"}, "evaluate": {"toy_evaluators": None},
     }
     path = folder / "catalog.yaml"
     path.write_text("# Toy-world groups written by conceptflow.toy.groups.write_toy_group_catalog\n"
