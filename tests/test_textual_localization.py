@@ -233,3 +233,18 @@ def test_group_concepts_combine_with_an_edlora_concept_in_one_image(tmp_path, on
     methods = {json.loads((Layout(catalog).adapter(n) / "concept.json").read_text())["method"]
                for n in (*PAIR, "flag_circle")}
     assert methods == {"textual_localization", "edlora"}
+
+
+def test_the_flow_plan_trains_a_group_after_every_members_masks(tmp_path):
+    from conceptflow.stages.table import plan, stage, upstream_items
+
+    catalog = load_catalog(write_toy_group_catalog(tmp_path, {"pair": PAIR}, photos_per_group=2,
+                                                   combinations={"alone": (PAIR[1],)}))
+    jobs = [(row.name, item) for row, item in plan(catalog)]
+    first_train = jobs.index(("train", PAIR[0]))
+    assert {("mask", PAIR[0]), ("mask", PAIR[1])} <= set(jobs[:first_train])
+    # a combination of one member still runs its group-mate's stages (the training reads its masks)
+    limited = [(row.name, item) for row, item in plan(catalog, combinations=("alone",))]
+    assert ("mask", PAIR[0]) in limited and limited.index(("mask", PAIR[0])) < limited.index(("train", PAIR[1]))
+    assert upstream_items(catalog, stage("train"), stage("mask"), PAIR[1]) == PAIR
+    assert upstream_items(catalog, stage("mask"), stage("ingest"), PAIR[1]) == (PAIR[1],)
