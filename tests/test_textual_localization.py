@@ -219,20 +219,25 @@ def test_a_killed_group_training_resumes_to_the_uninterrupted_result(tmp_path, o
     assert train(whole, PAIR[0])[1]
 
 
-def test_group_concepts_combine_with_an_edlora_concept_in_one_image(tmp_path, one_torch_thread):
+def test_group_concepts_combine_with_concepts_of_every_other_kind_in_one_image(tmp_path, one_torch_thread):
     from conceptflow.stages.chain import make_combination
 
-    catalog = load_catalog(write_toy_group_catalog(
-        tmp_path, {"pair": PAIR}, photos_per_group=2, train_steps=2, train=TINY_TRAIN,
-        single_concepts=["flag_circle"], combinations={"three": (*PAIR, "flag_circle")}, prompt_seeds=(0,)))
-    catalog = catalog.model_copy(update={"generate": catalog.generate.model_copy(update={"steps": 2})})
-    generated = make_combination(catalog, "three")
+    singles = {"flag_circle": "edlora", "target_star": "tova", "cross_emblem": "cones2"}
+    path = write_toy_group_catalog(tmp_path, {"pair": PAIR}, photos_per_group=2, train_steps=2, train=TINY_TRAIN,
+                                   single_concepts=list(singles), combinations={"five": (*PAIR, *singles)},
+                                   prompt_seeds=(0,))
+    raw = yaml.safe_load(path.read_text())
+    for name, method in singles.items():
+        raw["concepts"][name]["train"] = {"method": method, "steps": 2, "checkpoint_every": 2}
+    raw["generate"] = {"sampler": "fused", "steps": 2}
+    catalog = load_catalog(_write(tmp_path, raw))
+    generated = make_combination(catalog, "five")
     assert sorted(p.name for p in generated.glob("*.png"))
     import json
 
     methods = {json.loads((Layout(catalog).adapter(n) / "concept.json").read_text())["method"]
-               for n in (*PAIR, "flag_circle")}
-    assert methods == {"textual_localization", "edlora"}
+               for n in (*PAIR, *singles)}
+    assert methods == {"textual_localization", "edlora", "tova", "cones2"}
 
 
 def test_the_flow_plan_trains_a_group_after_every_members_masks(tmp_path):
