@@ -204,6 +204,12 @@ def run(catalog: Path = CatalogOption,
         runner: str = typer.Option("threads", help="threads | dask (Dask wants a Prefect server: PREFECT_API_URL)"),
         dask_address: Optional[str] = typer.Option(None, help="with --runner dask: an existing cluster's scheduler, "
                                                    "tcp://HOST:PORT (default: a LocalCluster here)"),
+        no_shared_fs: bool = typer.Option(False, "--no-shared-fs", help="with --dask-address: the workers share "
+                                          "no folder with this project; each works in its own clone and stage "
+                                          "inputs and outputs travel by md5 through the default DVC remote"),
+        worker_root: Optional[str] = typer.Option(None, help="with --no-shared-fs: the folder, on each worker, "
+                                                  "holding its clone (relative: from the worker's working folder; "
+                                                  "default conceptflow-worker)"),
         wait: bool = typer.Option(True, "--wait/--no-wait", help="wait for a run or stage command already working "
                                   "on this project (its lock: .conceptflow/run.lock), or refuse at once"),
         wait_timeout: Optional[float] = typer.Option(None, envvar="CONCEPTFLOW_LOCK_TIMEOUT",
@@ -217,7 +223,8 @@ def run(catalog: Path = CatalogOption,
         remove_dead_staging_in_project(loaded.root)  # killed runs' staging folders
         from flows.catalog import run_catalog  # Prefect lives in flows/, imported only here
 
-        summary = run_catalog(str(catalog.resolve()), sampler=sampler, runner=runner, dask_address=dask_address)
+        summary = run_catalog(str(catalog.resolve()), sampler=sampler, runner=runner, dask_address=dask_address,
+                              no_shared_fs=no_shared_fs, worker_root=worker_root)
     typer.echo(json.dumps(summary, indent=2))
 
 

@@ -4,6 +4,7 @@ each waiting for the items it reads; then the report, DVC record and MLflow regi
 from __future__ import annotations
 
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Iterator
 
 from prefect import flow
@@ -13,6 +14,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from conceptflow.errors import ConceptflowError
 from conceptflow.stages.table import STAGES, plan, stage, upstream_items
 from conceptflow.validation import validate_catalog
+from tasks.remote import REMOTE_STAGE_TASKS
 from tasks.stages import STAGE_TASKS, catalog_at, record_task, register_task
 
 ITEM_STAGES = tuple(row for row in STAGES if row.fan_out != "catalog")
@@ -48,20 +50,29 @@ CATALOG_STAGES = tuple(row for row in STAGES if row.fan_out == "catalog")
 # each other, and torch already uses every core for one item. Parallel fan-out runs items in
 # separate processes: `--runner dask`.
 @flow(name="conceptflow-catalog", task_runner=ThreadPoolTaskRunner(max_workers=1))
-def catalog_flow(catalog_path: str, sampler: str | None = None) -> dict:
+def catalog_flow(catalog_path: str, sampler: str | None = None, workspace: dict | None = None) -> dict:
     """ingest -> mask -> train per concept; fuse -> generate -> evaluate per combination;
-    then the report, record in DVC, register in MLflow."""
+    then the report, record in DVC, register in MLflow. ``workspace`` (``--no-shared-fs``, a
+    ``remote_workspace.Workspace``): each item runs in its worker's own clone, exchanging outputs
+    through the DVC remote, and the outputs are pulled here before the report."""
     catalog = catalog_at(catalog_path)  # validated once here; thread-runner tasks reuse it
     validate_catalog(catalog, catalog_path)  # base, device, prompts, folders: before the first stage
     options = {"sampler": sampler}
+    previous = _main_outputs(catalog, workspace) if workspace is not None else {}
     futures: dict[str, PrefectFuture] = {}
     for row, item in plan(catalog, ITEM_STAGES):
-        wait_for = [futures[f"{upstream}:{upstream_item}"] for upstream in row.upstream
-                    for upstream_item in upstream_items(catalog, row, stage(upstream), item)]
+        upstream = [f"{name}:{upstream_item}" for name in row.upstream
+                    for upstream_item in upstream_items(catalog, row, stage(name), item)]
         passed = {key: options[key] for key in row.options}
+        label = f"{row.name}:{item}"
         with _annotated(item_resources(catalog, row.name)):
-            futures[f"{row.name}:{item}"] = STAGE_TASKS[row.name].submit(catalog_path, row.name, item, passed,
-                                                                         wait_for=wait_for)
+            if workspace is None:
+                futures[label] = STAGE_TASKS[row.name].submit(catalog_path, row.name, item, passed,
+                                                              wait_for=[futures[name] for name in upstream])
+            else:  # the upstream results (their output records) are the task's inputs
+                futures[label] = REMOTE_STAGE_TASKS[row.name].submit(
+                    workspace, row.name, item, passed, inputs=[futures[name] for name in upstream],
+                    previous=previous.get(label))
     wait(list(futures.values()))
 
     results, failures = {}, {}
@@ -71,6 +82,8 @@ def catalog_flow(catalog_path: str, sampler: str | None = None) -> dict:
             results[label] = future.result()
         else:
             failures[label] = state.message or state.name
+    if workspace is not None:  # the workers' outputs, md5-checked, into this project (finished ones also on failure)
+        pull_outputs(catalog, workspace, [result["output"] for result in results.values()])
     if failures:
         # Finished items stay on disk with their manifests; the next run redoes only the rest.
         details = "; ".join(f"{label}: {message}" for label, message in failures.items())
@@ -98,10 +111,56 @@ def dask_task_runner(address: str | None = None):
     return DaskTaskRunner(cluster_kwargs={"n_workers": 2, "threads_per_worker": 1, "processes": True})
 
 
+def _project_top(catalog) -> Path:
+    from conceptflow.remote_workspace import git_toplevel
+
+    top = git_toplevel(Path(catalog.root))
+    if top is None:
+        raise ConceptflowError(f"{catalog.root} is not in a git repository: --no-shared-fs workers clone the "
+                               "project from git (git init && git add -A && git commit)")
+    return top
+
+
+def no_shared_fs_workspace(catalog_path: str, worker_root: str | None = None) -> dict:
+    """The main side of ``--no-shared-fs``: the project's code (a git bundle of HEAD), the catalog
+    file and the stage sources (photos) pushed to the project's default DVC remote."""
+    from conceptflow.lineage import ensure_dvc_repo
+    from conceptflow.remote_workspace import prepare_workspace, project_remote_url
+
+    catalog = catalog_at(catalog_path)
+    ensure_dvc_repo(catalog.root)
+    remote = project_remote_url(catalog.root)
+    if remote is None:
+        raise ConceptflowError(f"{catalog.root}/.dvc/config names no default DVC remote the workers can reach: "
+                               "`dvc remote add -d NAME URL` (a folder every worker sees, or s3://...)")
+    sources = [path for row in STAGES if row.sources is not None for item in row.items(catalog)
+               for path in row.sources(catalog, item)]
+    workspace = prepare_workspace(_project_top(catalog), Path(catalog_path), remote, sources, worker_root,
+                                  project=catalog.project)
+    return workspace.as_dict()
+
+
+def _main_outputs(catalog, workspace: dict) -> dict[str, dict]:
+    """{"stage:item": record} of the outputs this project already holds, pushed to the remote."""
+    from conceptflow.remote_workspace import Remote, push_existing
+
+    folders = {f"{row.name}:{item}": row.folder(catalog, item) for row, item in plan(catalog, ITEM_STAGES)}
+    return push_existing(_project_top(catalog), folders, Remote(workspace["remote"]))
+
+
+def pull_outputs(catalog, workspace: dict, records: list[dict]) -> int:
+    """Pull the workers' output ``records`` into this project (each md5-checked)."""
+    from conceptflow.remote_workspace import Remote, pull_all
+
+    return pull_all(_project_top(catalog), records, Remote(workspace["remote"]))
+
+
 def run_catalog(catalog_path: str, sampler: str | None = None, runner: str = "threads",
-                dask_address: str | None = None) -> dict:
+                dask_address: str | None = None, no_shared_fs: bool = False,
+                worker_root: str | None = None) -> dict:
     """Run the flow (ephemeral Prefect by default) and return a short summary. ``runner="dask"``
-    fans items out to Dask workers: a LocalCluster, or the cluster at ``dask_address``."""
+    fans items out to Dask workers: a LocalCluster, or the cluster at ``dask_address``;
+    ``no_shared_fs``: those workers each work in their own clone under ``worker_root``."""
     selected = catalog_flow
     if runner == "dask":
         selected = catalog_flow.with_options(task_runner=dask_task_runner(dask_address))
@@ -109,7 +168,15 @@ def run_catalog(catalog_path: str, sampler: str | None = None, runner: str = "th
         raise ConceptflowError(f"--runner must be 'threads' or 'dask', not {runner!r}")
     elif dask_address:
         raise ConceptflowError("--dask-address needs --runner dask")
-    result = selected(catalog_path, sampler)
+    workspace = None
+    if no_shared_fs:
+        if runner != "dask" or not dask_address:
+            raise ConceptflowError("--no-shared-fs needs --runner dask --dask-address tcp://HOST:PORT (an existing "
+                                   "cluster: a LocalCluster's workers run in this project's folder)")
+        workspace = no_shared_fs_workspace(catalog_path, worker_root)
+    elif worker_root:
+        raise ConceptflowError("--worker-root needs --no-shared-fs")
+    result = selected(catalog_path, sampler, workspace)
     ran = {label: r["ran"] for label, r in result["stages"].items()}
     return {"ran": [k for k, v in ran.items() if v], "up_to_date": [k for k, v in ran.items() if not v],
             "dvc_status_clean": result["dvc"]["clean"], "registered": result["registered"],
