@@ -161,23 +161,22 @@ def run_catalog(catalog_path: str, sampler: str | None = None, runner: str = "th
     """Run the flow (ephemeral Prefect by default) and return a short summary. ``runner="dask"``
     fans items out to Dask workers: a LocalCluster, or the cluster at ``dask_address``;
     ``no_shared_fs``: those workers each work in their own clone under ``worker_root``."""
+    if runner not in ("threads", "dask"):
+        raise ConceptflowError(f"--runner must be 'threads' or 'dask', not {runner!r}")
+    if dask_address and runner != "dask":
+        raise ConceptflowError("--dask-address needs --runner dask")
+    if no_shared_fs and not (runner == "dask" and dask_address):
+        raise ConceptflowError("--no-shared-fs needs --runner dask --dask-address tcp://HOST:PORT (an existing "
+                               "cluster: a LocalCluster's workers run in this project's folder)")
+    if worker_root and not no_shared_fs:
+        raise ConceptflowError("--worker-root needs --no-shared-fs")
     selected = catalog_flow
     if runner == "dask":
         selected = catalog_flow.with_options(task_runner=dask_task_runner(dask_address))
-    elif runner != "threads":
-        raise ConceptflowError(f"--runner must be 'threads' or 'dask', not {runner!r}")
-    elif dask_address:
-        raise ConceptflowError("--dask-address needs --runner dask")
-    workspace = None
-    if no_shared_fs:
-        if runner != "dask" or not dask_address:
-            raise ConceptflowError("--no-shared-fs needs --runner dask --dask-address tcp://HOST:PORT (an existing "
-                                   "cluster: a LocalCluster's workers run in this project's folder)")
-        workspace = no_shared_fs_workspace(catalog_path, worker_root)
-    elif worker_root:
-        raise ConceptflowError("--worker-root needs --no-shared-fs")
+    workspace = no_shared_fs_workspace(catalog_path, worker_root) if no_shared_fs else None
     result = selected(catalog_path, sampler, workspace)
     ran = {label: r["ran"] for label, r in result["stages"].items()}
     return {"ran": [k for k, v in ran.items() if v], "up_to_date": [k for k, v in ran.items() if not v],
             "dvc_status_clean": result["dvc"]["clean"], "registered": result["registered"],
-            "report": result["report"]["path"] + "/index.html"}
+            "report": result["report"]["path"] + "/index.html",
+            **({"workers": {label: r["worker"] for label, r in result["stages"].items()}} if no_shared_fs else {})}

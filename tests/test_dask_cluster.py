@@ -96,7 +96,11 @@ def _worker_state(address: str) -> dict[str, dict]:
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
-    project = tmp_path_factory.mktemp("dask-project")
+    return toy_project(tmp_path_factory.mktemp("dask-project"))
+
+
+def toy_project(project: Path) -> Path:
+    """Two toy concepts (2 photos each, trained 1 step), one combination, in a fresh git repo."""
     concepts = {}
     for name, word in ((FIRST, "star"), (SECOND, "heart")):
         photos = project / "photos" / name
