@@ -48,7 +48,7 @@ def run_remote_item(workspace: dict, stage_name: str, item: str, options: dict |
     if previous is not None:
         pull(clone, previous, remote)
     manifest, ran = row.call(catalog, item, **(options or {}))
-    output = push(clone, manifest.path, remote)
+    output = push(clone, row.folder(catalog, item), remote)
     return {**_summary((manifest, ran)), "path": output["path"], "output": output, "worker": name,
             "clone": str(clone)}
 

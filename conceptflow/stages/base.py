@@ -29,11 +29,13 @@ RECORD_FILE = "stage.json"
 
 
 def read_manifest(folder: Path) -> Manifest | None:
+    """The manifest in ``folder``, its ``path`` that folder (the file records no machine's path:
+    an output made in another clone, pulled here, names where it is now)."""
     path = Path(folder) / MANIFEST_FILE
     if not path.is_file():
         return None
     try:
-        return Manifest.load(path)
+        return Manifest.load(path).model_copy(update={"path": Path(folder)})
     except ValueError:
         return None
 
@@ -64,7 +66,7 @@ def run_stage(stage: str, name: str, folder: Path, config_hash: str, upstream: d
                   "history": [], **record}
         write_json_atomic(staging / RECORD_FILE, record)
         manifest = wanted.model_copy(update={"md5": directory_md5(staging)})
-        manifest.save(staging / MANIFEST_FILE)
+        manifest.model_copy(update={"path": Path(".")}).save(staging / MANIFEST_FILE)  # same bytes in any clone
     return manifest, True
 
 
