@@ -54,11 +54,12 @@ def _safe(name: str) -> str:
 
 
 class Remote:
-    """A DVC remote's object store: a local folder, or a URL DVC has a filesystem for (s3://...)."""
+    """A DVC remote's object store: a local folder, or a URL DVC has a filesystem for (s3://...).
+    ``via_dvc``: reach a local folder through DVC's filesystem too (the code path of s3://)."""
 
-    def __init__(self, url: str | Path):
+    def __init__(self, url: str | Path, via_dvc: bool = False):
         self.url = str(url)
-        if "://" in self.url and not self.url.startswith("file://"):
+        if via_dvc or ("://" in self.url and not self.url.startswith("file://")):
             self._fs, self._base = _cloud_fs(self.url)
         else:
             self._fs, self._base = None, Path(self.url.removeprefix("file://")).resolve()

@@ -82,6 +82,24 @@ def test_push_then_pull_gives_the_same_bytes_and_refuses_a_corrupt_object(tmp_pa
         pull(worker, {**record, "path": "../escaped"}, remote)
 
 
+def test_a_remote_reached_through_dvcs_filesystem_holds_the_same_objects(tmp_path):
+    """The s3:// code path (DVC's filesystem object) on a local folder: what it pushes the plain
+    folder path pulls, and the reverse."""
+    from conceptflow.remote_workspace import Remote, pull, push
+
+    folder = tmp_path / "main" / "data" / "report"
+    folder.mkdir(parents=True)
+    (folder / "index.html").write_text("<html>")
+    through_dvc, plain = Remote(tmp_path / "remote", via_dvc=True), Remote(tmp_path / "remote")
+    assert through_dvc._fs is not None and plain._fs is None
+    record = push(tmp_path / "main", folder, through_dvc)
+    assert plain.has(record["dvc_md5"])
+    assert pull(tmp_path / "worker", record, plain) is True
+    assert pull(tmp_path / "other", record, through_dvc) is True
+    assert _files(tmp_path / "worker" / "data" / "report") == _files(tmp_path / "other" / "data" / "report") == \
+        _files(folder)
+
+
 def test_pushed_objects_are_the_ones_dvc_push_writes(tmp_path):
     """The same folder through `dvc add` + `dvc push` and through remote_workspace.push: the same
     object files in both remotes, and the .dir md5 DVC recorded is the record's."""
