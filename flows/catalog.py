@@ -1,5 +1,9 @@
 """The catalog flow: one task per stage and item of the stage table (conceptflow/stages/table.py),
-each waiting for the items it reads; then the report, DVC record and MLflow registration."""
+each waiting for the items it reads; then the report, DVC record and MLflow registration.
+
+With ``--no-shared-fs`` the item tasks are tasks/remote.py's: each runs in its Dask worker's own
+clone and returns its output's record (path + md5s, conceptflow/remote_workspace.py), which the
+tasks downstream take as inputs and this flow pulls into the project before the report."""
 
 from __future__ import annotations
 
@@ -100,7 +104,7 @@ def catalog_flow(catalog_path: str, sampler: str | None = None, workspace: dict 
 
 def dask_task_runner(address: str | None = None):
     """A DaskTaskRunner: on the existing cluster at ``address`` (``tcp://HOST:PORT``; its workers
-    must import this checkout and see the project's files), else a LocalCluster of two
+    must import conceptflow and, unless ``--no-shared-fs``, see the project's files), else a LocalCluster of two
     one-thread worker processes on this machine."""
     from prefect_dask import DaskTaskRunner
 
