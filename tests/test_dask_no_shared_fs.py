@@ -182,9 +182,10 @@ def cluster(prefect_api, nofs):
                 process.kill()
 
 
-def _run(project: Path, api_url: str, address: str) -> dict:
+def _run(project: Path, api_url: str, address: str, log: Path) -> dict:
     result = subprocess.run([*CLI_RUN, "--dask-address", address], cwd=project, env=_env(api_url),
                             capture_output=True, text=True, timeout=900)
+    log.write_text(f"{result.stdout}\n{result.stderr}")  # kept beside the workers' logs
     assert result.returncode == 0, f"{result.stdout[-2000:]}\n{result.stderr[-5000:]}"
     return json.loads(result.stdout[result.stdout.index("{"):])
 
@@ -201,7 +202,7 @@ def test_catalog_runs_on_workers_sharing_only_the_dvc_remote(nofs, prefect_api, 
 
     project = nofs["project"]
     started = time.time()
-    summary = _run(project, prefect_api, cluster)
+    summary = _run(project, prefect_api, cluster, nofs["audit"] / "run-1.out")
     first_run_s = time.time() - started
     items = {f"{name}:{item}" for name in ("ingest", "mask", "train") for item in (FIRST, SECOND)}
     items |= {f"{name}:{COMBO}" for name in ("fuse", "generate", "evaluate")}
@@ -237,7 +238,7 @@ def test_catalog_runs_on_workers_sharing_only_the_dvc_remote(nofs, prefect_api, 
     for folder in nofs["workers"].values():  # fresh clones: the rerun pulls the main project's outputs
         shutil.rmtree(folder / "conceptflow-worker")
     started = time.time()
-    again = _run(project, prefect_api, cluster)
+    again = _run(project, prefect_api, cluster, nofs["audit"] / "run-2.out")
     print(f"no-shared-fs run {first_run_s:.1f} s, rerun from fresh clones {time.time() - started:.1f} s")
     assert again["ran"] == [] and set(again["up_to_date"]) == items and again["dvc_status_clean"] is True
 
