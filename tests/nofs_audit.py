@@ -6,7 +6,8 @@ and the program, arguments and cwd of every subprocess it starts (git, dvc). Any
 a path under ``$NOFS_AUDIT_FORBID`` (the main project) is written to
 ``$NOFS_AUDIT_DIR/<pid>.log`` as ``FORBIDDEN <event> <args>``; the first files opened in the
 worker's own clones (``<cwd>/conceptflow-worker``, the default ``--worker-root``) are written as
-``SEEN open ...`` (proof that the hook sees the worker's reads at all). Python-level only: a C library opening a file itself is not seen.
+``SEEN open ...`` (proof that the hook sees the worker's reads at all). Python-level only: a C
+library opening a file by itself is not seen.
 """
 
 from __future__ import annotations

@@ -100,6 +100,42 @@ def test_a_remote_reached_through_dvcs_filesystem_holds_the_same_objects(tmp_pat
         _files(folder)
 
 
+def test_a_worker_clone_follows_the_main_projects_commits_and_catalog_edits(tmp_path):
+    from conceptflow.remote_workspace import prepare_workspace, pull_sources, worker_clone
+
+    main = tmp_path / "main"
+    (main / "photos" / "dog").mkdir(parents=True)
+    (main / "photos" / "dog" / "00.png").write_bytes(b"png")
+    (main / "catalog.yaml").write_text("project: p\n")
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    for command in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "one"]):
+        subprocess.run([*git, *command], cwd=main, check=True)
+    (main / "photos" / "cat").mkdir()
+    (main / "photos" / "cat" / "00.png").write_bytes(b"untracked photo")
+    remote, root = tmp_path / "remote", tmp_path / "worker-root"
+    space = prepare_workspace(main, main / "catalog.yaml", str(remote), [main / "photos" / "cat"], str(root),
+                              project="p")
+    assert space.catalog["path"] == "catalog.yaml" and set(space.sources) == {"photos/cat"}
+    clone = worker_clone(space, "tcp://10.0.0.1:4000")
+    assert clone == (root / "tcp_10.0.0.1_4000" / "p").resolve() and (clone / "photos" / "dog" / "00.png").is_file()
+    assert not (clone / "photos" / "cat").exists()  # not in git: it comes through the remote
+    pull_sources(clone, space, [clone / "photos" / "cat"])
+    assert (clone / "photos" / "cat" / "00.png").read_bytes() == b"untracked photo"
+
+    (main / "catalog.yaml").write_text("project: p\nseed: 3\n")  # an edit not committed
+    space = prepare_workspace(main, main / "catalog.yaml", str(remote), [], str(root), project="p")
+    clone = worker_clone(space, "tcp://10.0.0.1:4000")
+    assert (clone / "catalog.yaml").read_text() == "project: p\nseed: 3\n"
+    (main / "new.txt").write_text("second commit")
+    subprocess.run([*git, "add", "new.txt"], cwd=main, check=True)
+    subprocess.run([*git, "commit", "-qm", "two"], cwd=main, check=True)
+    space = prepare_workspace(main, main / "catalog.yaml", str(remote), [], str(root), project="p")
+    clone = worker_clone(space, "tcp://10.0.0.1:4000")
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=clone, capture_output=True, text=True).stdout.strip()
+    assert head == space.revision and (clone / "new.txt").read_text() == "second commit"
+    assert (clone / "catalog.yaml").read_text() == "project: p\nseed: 3\n"
+
+
 def test_pushed_objects_are_the_ones_dvc_push_writes(tmp_path):
     """The same folder through `dvc add` + `dvc push` and through remote_workspace.push: the same
     object files in both remotes, and the .dir md5 DVC recorded is the record's."""
@@ -141,7 +177,8 @@ def nofs(tmp_path_factory) -> dict:
     """The main project (git + DVC with a default remote outside it) and the folders around it."""
     remote = tmp_path_factory.mktemp("nofs-remote")
     project = toy_project(tmp_path_factory.mktemp("nofs-project"))
-    for command in (["init", "-q"], ["config", "core.autostage", "false"], ["remote", "add", "-d", "shared", str(remote)]):
+    for command in (["init", "-q"], ["config", "core.autostage", "false"],
+                    ["remote", "add", "-d", "shared", str(remote)]):
         subprocess.run([*DVC, *command], cwd=project, check=True, capture_output=True)
     for command in (["add", "-A"], ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "dvc"]):
         subprocess.run(["git", *command], cwd=project, check=True)
