@@ -289,3 +289,21 @@ def test_no_shared_fs_needs_an_existing_cluster(tmp_path):
     with pytest.raises(ConceptflowError, match="--worker-root needs --no-shared-fs"):
         run_catalog(str(tmp_path / "catalog.yaml"), runner="dask", dask_address="tcp://127.0.0.1:1",
                     worker_root="x")
+
+
+def test_photos_outside_the_project_are_refused_before_any_work(tmp_path):
+    from conceptflow.errors import ConceptflowError
+    from flows.catalog import run_catalog
+
+    project, photos = tmp_path / "project", tmp_path / "photos-elsewhere"
+    photos.mkdir()
+    project.mkdir()
+    catalog = {"project": "outside", "base_model": "embedded:tiny-sd", "device": "cpu",
+               "concepts": {FIRST: {"class_word": "star", "images": str(photos)}}}
+    (project / "catalog.yaml").write_text(yaml.safe_dump(catalog))
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    for command in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "c"]):
+        subprocess.run([*git, *command], cwd=project, check=True)
+    with pytest.raises(ConceptflowError, match=f"{photos} is outside the project"):
+        run_catalog(str(project / "catalog.yaml"), runner="dask", dask_address="tcp://127.0.0.1:1",
+                    no_shared_fs=True)
