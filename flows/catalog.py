@@ -16,10 +16,11 @@ from prefect.futures import PrefectFuture, wait
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from conceptflow.errors import ConceptflowError
+from conceptflow.stages.status import up_to_date_items
 from conceptflow.stages.table import STAGES, plan, stage, upstream_items
 from conceptflow.validation import validate_catalog
 from tasks.remote import REMOTE_STAGE_TASKS
-from tasks.stages import STAGE_TASKS, catalog_at, record_task, register_task
+from tasks.stages import STAGE_TASKS, catalog_at, manifest_summary, record_task, register_task
 
 ITEM_STAGES = tuple(row for row in STAGES if row.fan_out != "catalog")
 # The stages that put models on the catalog's device (ingest only reads and writes images).
@@ -64,22 +65,31 @@ def catalog_flow(catalog_path: str, sampler: str | None = None, workspace: dict 
     options = {"sampler": sampler}
     previous = _main_outputs(catalog, workspace) if workspace is not None else {}
     futures: dict[str, PrefectFuture] = {}
-    for row, item in plan(catalog, ITEM_STAGES):
+    jobs = plan(catalog, ITEM_STAGES)
+    # Items already up to date, as their own stages would judge, get no task: a no-change rerun of
+    # a large catalog otherwise spends its time on per-task bookkeeping (conceptflow/stages/status.py).
+    # Without a shared filesystem the workers decide (the project's outputs may be elsewhere).
+    skipped = up_to_date_items(catalog, jobs, options) if workspace is None else {}
+    for row, item in jobs:
         upstream = [f"{name}:{upstream_item}" for name in row.upstream
                     for upstream_item in upstream_items(catalog, row, stage(name), item)]
         passed = {key: options[key] for key in row.options}
         label = f"{row.name}:{item}"
+        if label in skipped:
+            continue
         with _annotated(item_resources(catalog, row.name)):
             if workspace is None:
                 futures[label] = STAGE_TASKS[row.name].submit(catalog_path, row.name, item, passed,
-                                                              wait_for=[futures[name] for name in upstream])
+                                                              wait_for=[futures[name] for name in upstream
+                                                                        if name in futures])
             else:  # the upstream results (their output records) are the task's inputs
                 futures[label] = REMOTE_STAGE_TASKS[row.name].submit(
                     workspace, row.name, item, passed, inputs=[futures[name] for name in upstream],
                     previous=previous.get(label))
     wait(list(futures.values()))
 
-    results, failures = {}, {}
+    results = {label: manifest_summary(manifest, ran=False) for label, manifest in skipped.items()}
+    failures = {}
     for label, future in futures.items():
         state = future.state
         if state.is_completed():

@@ -58,10 +58,15 @@ def _stage_task(name: str, retries: int = 1):
                 retry_condition_fn=_retry_unless_user_error, task_run_name=f"{name} {{item}}")
 
 
-def _summary(result) -> dict:
-    manifest, ran = result
+def manifest_summary(manifest, ran: bool) -> dict:
+    """What the flow records of one item: its manifest and whether it ran."""
     return {"stage": manifest.stage, "name": manifest.name, "path": str(manifest.path), "md5": manifest.md5,
             "key": manifest.key, "ran": ran}
+
+
+def _summary(result) -> dict:
+    manifest, ran = result
+    return manifest_summary(manifest, ran)
 
 
 def run_stage_item(catalog_path: str, stage_name: str, item: str, options: dict | None = None) -> dict:
