@@ -174,11 +174,10 @@ class PhaseClock:
 def recorded_step_seconds():
     """Inside, the train stage's ``run_training`` records each step's (wall, CPU) seconds
     (through its ``on_log`` hook, called every ``log_every`` steps; the benchmark catalog logs
-    every step), for concepts learnt alone and for groups learnt together."""
+    every step), for concepts learnt alone and for groups learnt together (``train_method``)."""
     import conceptflow.stages.train as train_stage
-    import conceptflow.stages.train_group as group_stage
 
-    modules = (train_stage, group_stage)
+    modules = (train_stage,)
     original = train_stage.run_training
     seconds: list[tuple[float, float]] = []  # (wall, CPU) seconds per step
 

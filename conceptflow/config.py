@@ -38,6 +38,13 @@ def _check_seed(seed: int, where: str) -> int:
     return seed
 
 
+def _each_once(concepts: tuple[str, ...]) -> tuple[str, ...]:
+    repeated = sorted({name for name in concepts if concepts.count(name) > 1})
+    if repeated:
+        raise ValueError(f"concepts {repeated} are listed more than once: list each concept once")
+    return concepts
+
+
 def _train_config_union():
     """The discriminated union of every registered method's settings (``train.method`` picks one)."""
     configs = tuple(spec.config for spec in METHODS.values())
@@ -110,10 +117,7 @@ class Combination(StrictModel):
     @field_validator("concepts")
     @classmethod
     def _concepts_once(cls, concepts: tuple[str, ...]) -> tuple[str, ...]:
-        repeated = sorted({name for name in concepts if concepts.count(name) > 1})
-        if repeated:
-            raise ValueError(f"concepts {repeated} are listed more than once: list each concept once")
-        return concepts
+        return _each_once(concepts)
 
     @field_validator("layout")
     @classmethod
@@ -176,10 +180,7 @@ class Group(StrictModel):
     @field_validator("concepts")
     @classmethod
     def _concepts_once(cls, concepts: tuple[str, ...]) -> tuple[str, ...]:
-        repeated = sorted({name for name in concepts if concepts.count(name) > 1})
-        if repeated:
-            raise ValueError(f"concepts {repeated} are listed more than once: list each concept once")
-        return concepts
+        return _each_once(concepts)
 
     @field_validator("train")
     @classmethod

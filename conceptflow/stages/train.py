@@ -22,6 +22,22 @@ from conceptflow.train.loop import run_training
 from conceptflow.train.precision import Precision, base_dtype_name, trainable_in_float32
 
 
+def train_method(catalog: Catalog, setup, config, checkpoints, run_key: str, what: str,
+                 stop_after: int | None = None):
+    """Build ``config``'s method on ``setup`` and run its training (resumed from ``checkpoints``);
+    returns the method and its loss history. ``stop_after`` stops early (InterruptedError)."""
+    if config.gradient_checkpointing:
+        enable_hooked_gradient_checkpointing(setup.unet)
+    method = get_method(config.method).build_trainer(setup, config, device=catalog.device)
+    trainable_in_float32(p for group in method.parameter_groups() for p in group["params"])
+    history = run_training(method, config.steps, catalog.seed, checkpoints, run_key, config.checkpoint_every,
+                           config.log_every, description=f"train {what}", stop_after=stop_after,
+                           precision=Precision(config.mixed_precision, torch.device(catalog.device).type))
+    if stop_after is not None and stop_after < config.steps:
+        raise InterruptedError(f"training of {what} stopped at step {stop_after} on request")
+    return method, history
+
+
 def train(catalog: Catalog, concept_name: str, force: bool = False, stop_after: int | None = None):
     concept = catalog.concept(concept_name)
     if concept.group is not None:  # learnt with its group's other concepts, from the group's photos
@@ -44,16 +60,8 @@ def train(catalog: Catalog, concept_name: str, force: bool = False, stop_after: 
         setup = prepare_concept_training(
             pipeline, concept_name, concept.class_word, image_paths, ingested_images(layout.masks(concept_name)),
             catalog.resolution, catalog.seed, ingested_captions(image_paths))
-        if config.gradient_checkpointing:
-            enable_hooked_gradient_checkpointing(pipeline.unet)
-        method = get_method(config.method).build_trainer(setup, config, device=catalog.device)
-        trainable_in_float32(p for group in method.parameter_groups() for p in group["params"])
-        history = run_training(method, config.steps, catalog.seed, layout.checkpoints(concept_name), run_key,
-                               config.checkpoint_every, config.log_every, description=f"train {concept_name}",
-                               stop_after=stop_after,
-                               precision=Precision(config.mixed_precision, torch.device(catalog.device).type))
-        if stop_after is not None and stop_after < config.steps:
-            raise InterruptedError(f"training of {concept_name} stopped at step {stop_after} on request")
+        method, history = train_method(catalog, setup, config, layout.checkpoints(concept_name), run_key,
+                                       concept_name, stop_after)
         tensors, method_meta = method.export()
         meta = {
             "kind": "concept", "name": concept_name, "method": config.method, "class_word": concept.class_word,

@@ -27,14 +27,13 @@ from conceptflow.data.ingest import ingested_captions, ingested_images
 from conceptflow.errors import ConceptflowError
 from conceptflow.fileio import atomic_directory, write_json_atomic
 from conceptflow.layout import Layout
-from conceptflow.methods import get_method
 from conceptflow.models.loading import load_base_pipeline, model_fingerprint
 from conceptflow.plots import save_curve
 from conceptflow.stages.base import flat_params, run_stage
 from conceptflow.stages.table import stage, upstream_md5s
 from conceptflow.stages.class_images import class_images_key, class_prior_images, prior_pixels
-from conceptflow.train.loop import run_training
-from conceptflow.train.precision import Precision, base_dtype_name, trainable_in_float32
+from conceptflow.stages.train import train_method
+from conceptflow.train.precision import base_dtype_name
 
 HISTORY_FILE = "history.json"
 
@@ -91,14 +90,8 @@ def _train_jointly(catalog: Catalog, group_name: str, run_key: str, upstream: di
     map_size = max(1, round(catalog.resolution * config.map_fraction))
     setup = prepare_group_training(pipeline, group_name, members, image_paths, ingested_captions(image_paths),
                                    catalog.resolution, map_size, catalog.seed, prior)
-    method = get_method(config.method).build_trainer(setup, config, device=catalog.device)
-    trainable_in_float32(p for param_group in method.parameter_groups() for p in param_group["params"])
-    history = run_training(method, config.steps, catalog.seed, layout.checkpoints(group_name), run_key,
-                           config.checkpoint_every, config.log_every, description=f"train group {group_name}",
-                           stop_after=stop_after,
-                           precision=Precision(config.mixed_precision, torch.device(catalog.device).type))
-    if stop_after is not None and stop_after < config.steps:
-        raise InterruptedError(f"training of group {group_name} stopped at step {stop_after} on request")
+    method, history = train_method(catalog, setup, config, layout.checkpoints(group_name), run_key,
+                                   f"group {group_name}", stop_after)
     tensors, method_meta = method.export()
     shared = {key: value for key, value in tensors.items() if not key.startswith(EMBEDDING_PREFIX)}
     with atomic_directory(destination) as staging:

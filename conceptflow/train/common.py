@@ -36,8 +36,26 @@ PROMPT_TEMPLATES = (
 )
 
 
+class PipelineParts:
+    """The models of ``self.pipeline`` by name (for the training setups)."""
+
+    pipeline: object
+
+    @property
+    def unet(self):
+        return self.pipeline.unet
+
+    @property
+    def text_encoder(self):
+        return self.pipeline.text_encoder
+
+    @property
+    def tokenizer(self):
+        return self.pipeline.tokenizer
+
+
 @dataclass
-class ConceptTrainingSetup:
+class ConceptTrainingSetup(PipelineParts):
     pipeline: object
     controller: AttentionController
     concept_name: str
@@ -57,18 +75,6 @@ class ConceptTrainingSetup:
         if self.captions and self.captions[index] is not None:
             return self.captions[index]
         return PROMPT_TEMPLATES[template_id].format(f"<{self.concept_name}>")
-
-    @property
-    def unet(self):
-        return self.pipeline.unet
-
-    @property
-    def text_encoder(self):
-        return self.pipeline.text_encoder
-
-    @property
-    def tokenizer(self):
-        return self.pipeline.tokenizer
 
     def encode(self, prompts: list[str]) -> torch.Tensor:
         return encode_layerwise(prompts, self.tokenizer, self.text_encoder, self.n_layers, [self.concept_name])

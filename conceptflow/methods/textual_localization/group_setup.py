@@ -23,7 +23,7 @@ from conceptflow.adapters.tokens import (
 )
 from conceptflow.attention.processor import AttentionController, attention_controller_of
 from conceptflow.errors import ConceptflowError
-from conceptflow.train.common import encode_latents, load_training_images
+from conceptflow.train.common import PipelineParts, encode_latents, load_training_images
 
 # "{}" is the group's concepts written "<a> and <b>"; a photo with a caption trains with it.
 GROUP_PROMPT_TEMPLATES = (
@@ -44,7 +44,7 @@ class GroupMember:
 
 
 @dataclass
-class GroupTrainingSetup:
+class GroupTrainingSetup(PipelineParts):
     pipeline: object
     controller: AttentionController
     members: tuple[GroupMember, ...]
@@ -58,18 +58,6 @@ class GroupTrainingSetup:
     captions: list[str | None]
     prior_latents: torch.Tensor | None = None  # (C, P, 4, h, w): P class-prior images per member's class word
     concept_name: str = ""  # for ConceptTrainer's interface (the group's name)
-
-    @property
-    def unet(self):
-        return self.pipeline.unet
-
-    @property
-    def text_encoder(self):
-        return self.pipeline.text_encoder
-
-    @property
-    def tokenizer(self):
-        return self.pipeline.tokenizer
 
     @property
     def names(self) -> list[str]:
