@@ -6,8 +6,9 @@
 Six toy concepts (none of catalog.yaml's two), in three groups of two of different classes. Arms,
 each through the pipeline's own stages (ingest, mask, train, fuse, generate) on the toy base:
 
-* ``textual_localization hard`` / ``soft``: each group learnt from 5 toy photos showing both of its
-  concepts (``conceptflow.toy.groups``), masks from the world's ground truth (mask backend
+* ``textual_localization hard`` / ``soft`` (``... noprior``: without class-prior images): each group
+  learnt from 5 toy photos showing both of its concepts (``conceptflow.toy.groups``), 8 class-prior
+  images per class word, masks from the world's ground truth (mask backend
   ``ground_truth``: the saliency fallback cannot separate two concepts, GroundingDINO has no
   weights here);
 * ``edlora``: each concept learnt from 5 photos of it alone (saliency masks, as catalog.yaml);
@@ -56,10 +57,11 @@ def solo_combinations(names, images: int) -> dict:
 
 def write_arm(folder: Path, arm: str, base: Path, steps: int, images: int) -> Path:
     names = [name for pair in GROUPS.values() for name in pair]
-    if arm.startswith("textual_localization"):
+    if arm.startswith("textual_localization"):  # "textual_localization <hard|soft> [noprior]"
+        words = arm.split()
         path = write_toy_group_catalog(folder, GROUPS, photos_per_group=5, base_model=str(base), train_steps=steps,
-                                       train={"guidance": arm.split()[-1], "prior_images": 8, "prior_steps": 20,
-                                              "checkpoint_every": steps}, combinations={})
+                                       train={"guidance": words[1], "prior_images": 0 if "noprior" in words else 8,
+                                              "prior_steps": 20, "checkpoint_every": steps}, combinations={})
     else:
         path = write_toy_catalog(folder, names, images_per_concept=5, base_model=str(base), train_steps=steps,
                                  combinations={})
