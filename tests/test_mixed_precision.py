@@ -36,6 +36,8 @@ def concept_images(tmp_path_factory):
         Image.fromarray(array).save(paths[-1])
         masks.append(folder / f"m{index}.png")
         Image.fromarray(((array[..., 1] < 100) * 255).astype(np.uint8)).save(masks[-1])
+        # a second concept's masks for the methods that learn groups: everything but the first's
+        Image.fromarray(((array[..., 1] >= 100) * 255).astype(np.uint8)).save(folder / f"n{index}.png")
     return paths, masks
 
 
@@ -45,7 +47,14 @@ def build(method: str, concept_images, mixed_precision: str = "no", **overrides)
     torch.manual_seed(0)
     pipeline = load_base_pipeline("embedded:tiny-sd", "cpu", base_dtype_name(mixed_precision, "float32"))
     paths, masks = concept_images
-    setup = prepare_concept_training(pipeline, "toy", "box", paths, masks, 64, seed=0)
+    if spec.trains_groups:  # two concepts learnt together from the same photos, each with its own mask
+        from conceptflow.methods.textual_localization.group_setup import GroupMember, prepare_group_training
+
+        members = [GroupMember("toy", "box", tuple(masks)),
+                   GroupMember("mug", "cup", tuple(m.with_name("n" + m.name[1:]) for m in masks))]
+        setup = prepare_group_training(pipeline, "pair", members, paths, [None] * len(paths), 64, 32, seed=0)
+    else:
+        setup = prepare_concept_training(pipeline, "toy", "box", paths, masks, 64, seed=0)
     if config.gradient_checkpointing:
         enable_hooked_gradient_checkpointing(pipeline.unet)
     trainer = spec.build_trainer(setup, config, "cpu")
