@@ -177,7 +177,6 @@ def recorded_step_seconds():
     every step), for concepts learnt alone and for groups learnt together (``train_method``)."""
     import conceptflow.stages.train as train_stage
 
-    modules = (train_stage,)
     original = train_stage.run_training
     seconds: list[tuple[float, float]] = []  # (wall, CPU) seconds per step
 
@@ -193,13 +192,11 @@ def recorded_step_seconds():
 
         return original(*args, on_log=record, **kwargs)
 
-    for module in modules:
-        module.run_training = timed_run_training
+    train_stage.run_training = timed_run_training
     try:
         yield seconds
     finally:
-        for module in modules:
-            module.run_training = original
+        train_stage.run_training = original
 
 
 def write_method_catalog(folder: Path, method: str, combinations: dict, settings: dict, base: Path) -> Path:

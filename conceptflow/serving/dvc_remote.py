@@ -8,13 +8,13 @@ in its ``.dvc/config`` (``config.local`` wins), a relative url being relative to
 
 from __future__ import annotations
 
-import configparser
 import json
 import shutil
 from pathlib import Path
 
 from conceptflow.errors import ConceptflowError
 from conceptflow.fileio import atomic_directory, file_md5
+from conceptflow.remote_workspace import project_remote_url
 
 
 def _object(remote: Path, md5: str) -> Path:
@@ -65,15 +65,5 @@ def materialise(remote: Path, md5: str, destination: Path) -> Path:
 
 def project_remote(project: Path) -> Path | None:
     """The local folder of ``project``'s default DVC remote, or None (none, or not a local path)."""
-    dvc_dir = Path(project) / ".dvc"
-    config = configparser.ConfigParser()
-    config.read([dvc_dir / "config", dvc_dir / "config.local"])
-    name = config.get("core", "remote", fallback=None)
-    if not name:
-        return None
-    url = config.get(f"'remote \"{name}\"'", "url", fallback=None) or config.get(f'remote "{name}"', "url",
-                                                                               fallback=None)
-    if not url or "://" in url:
-        return None
-    path = Path(url).expanduser()
-    return (path if path.is_absolute() else (dvc_dir / path)).resolve()
+    url = project_remote_url(project)
+    return None if url is None or "://" in url else Path(url)

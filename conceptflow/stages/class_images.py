@@ -13,11 +13,10 @@ import hashlib
 import json
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 
 from conceptflow.fileio import atomic_path
+from conceptflow.train.common import load_training_images
 
 BATCH = 4
 
@@ -56,12 +55,4 @@ def class_prior_images(pipeline, class_word: str, count: int, resolution: int, s
 
 def prior_pixels(paths_per_class: list[list[Path]], resolution: int) -> torch.Tensor:
     """(C, P, 3, R, R) in [-1, 1]: each class's images (P per class) as training pixels."""
-    rows = []
-    for paths in paths_per_class:
-        images = []
-        for path in paths:
-            with Image.open(path) as opened:
-                image = opened.convert("RGB").resize((resolution, resolution), Image.Resampling.BICUBIC)
-            images.append(torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1))
-        rows.append(torch.stack(images))
-    return torch.stack(rows)
+    return torch.stack([load_training_images(paths, None, resolution)[0] for paths in paths_per_class])

@@ -216,15 +216,10 @@ def upstream_md5s(catalog: Catalog, name: str, item: str | None = None) -> dict[
             md5s[folder.relative_to(data).as_posix()] = manifest.md5 if manifest else "missing"
             continue
         manifest = require_manifest(folder, upstream.output, upstream.command(upstream_item))
-        alone = upstream.fan_out == row.fan_out and upstream_item == item and catalog_alone(catalog, row, item)
+        alone = upstream.fan_out == row.fan_out and upstream_items(catalog, row, upstream, item) == (item,)
         label = upstream.layout if alone else f"{upstream.layout}.{upstream_item}"
         md5s[label] = manifest.md5
     return md5s
-
-
-def catalog_alone(catalog: Catalog, row: Stage, item: str | None) -> bool:
-    """False for a group's concept at the train stage (its upstream is labelled per member)."""
-    return not (row.name == "train" and row.fan_out == "concept" and len(catalog.trained_with(item)) > 1)
 
 
 def needed_for(name: str) -> tuple[Stage, ...]:
