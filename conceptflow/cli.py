@@ -214,17 +214,38 @@ def run(catalog: Path = CatalogOption,
                                   "on this project (its lock: .conceptflow/run.lock), or refuse at once"),
         wait_timeout: Optional[float] = typer.Option(None, envvar="CONCEPTFLOW_LOCK_TIMEOUT",
                                                      help="seconds to wait for that lock before giving up "
-                                                     "(default: no limit)")):
-    """Run the whole catalog as a Prefect flow: ingest -> ... -> register, report."""
-    loaded = _valid_catalog(catalog)  # fail fast, before Prefect starts, on a bad catalog (every problem at once)
+                                                     "(default: no limit)"),
+        recheck: bool = typer.Option(False, "--recheck", help="run the flow even when nothing changed since the "
+                                     "last complete run (it re-pushes to the DVC remote and re-checks the registry; "
+                                     "always so against a Prefect server)")):
+    """Run the whole catalog as a Prefect flow: ingest -> ... -> register, report. When nothing changed
+    since the last complete run (conceptflow/run_record.py) it says so without starting the flow."""
+    from conceptflow.run_record import catalog_as_recorded, unchanged_summary, write_run_record
     from conceptflow.stages.base import remove_dead_staging_in_project
+    from conceptflow.validation import validate_catalog
 
+    from conceptflow.tool_env import prefect_server_configured
+
+    loaded = load_catalog(catalog)
+    # Nothing changed since the last complete run: say so without starting the flow, except against a
+    # Prefect server (there every run shows as a flow run) or with --recheck.
+    shortcut = not recheck and not prefect_server_configured()
+    # Fail fast, before Prefect starts or the lock is waited for, on a bad catalog (every problem at
+    # once); a catalog file as the last complete run read it is checked only if that run is redone.
+    validated = not (shortcut and catalog_as_recorded(loaded, catalog.resolve()))
+    if validated:
+        validate_catalog(loaded, catalog)
     with _project_lock(loaded, wait_timeout if wait else 0.0):
         remove_dead_staging_in_project(loaded.root)  # killed runs' staging folders
-        from flows.catalog import run_catalog  # Prefect lives in flows/, imported only here
+        summary = unchanged_summary(loaded, catalog.resolve(), sampler) if shortcut else None
+        if summary is None:
+            if not validated:
+                validate_catalog(loaded, catalog)
+            from flows.catalog import run_catalog  # Prefect lives in flows/, imported only here
 
-        summary = run_catalog(str(catalog.resolve()), sampler=sampler, runner=runner, dask_address=dask_address,
-                              no_shared_fs=no_shared_fs, worker_root=worker_root)
+            summary = run_catalog(str(catalog.resolve()), sampler=sampler, runner=runner, dask_address=dask_address,
+                                  no_shared_fs=no_shared_fs, worker_root=worker_root)
+            write_run_record(loaded, catalog.resolve(), sampler, summary)
     typer.echo(json.dumps(summary, indent=2))
 
 

@@ -56,6 +56,7 @@ from mlflow.exceptions import MlflowException
 from conceptflow.errors import ModelUnavailableError, RegistryError  # noqa: F401 - RegistryError is re-exported
 from conceptflow.fileio import atomic_directory, content_md5
 from conceptflow.stages.table import STAGE_NAMES
+from conceptflow.tracking import normalise_database_uri, tracking_uri  # noqa: F401 - re-exported
 
 STAGES = STAGE_NAMES  # the stage table's names (conceptflow/stages/table.py)
 CHAMPION = "champion"
@@ -70,28 +71,6 @@ _BATCH = 100  # MLflow's per-request limit for params and tags (metrics allow 10
 
 
 # ---------------------------------------------------------------- store
-
-
-def tracking_uri(project_root: Path) -> str:
-    """``MLFLOW_TRACKING_URI`` if set, else the project's SQLite file (absolute path)."""
-    configured = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
-    if configured:
-        return normalise_database_uri(configured)
-    return f"sqlite:///{Path(project_root).resolve() / 'mlruns.db'}"
-
-
-def normalise_database_uri(uri: str) -> str:
-    """Pin ``postgresql://`` to psycopg2 when psycopg 3 is absent.
-
-    SQLAlchemy 2.1 made psycopg 3 the default PostgreSQL driver; this project ships
-    psycopg2-binary, so a plain ``postgresql://`` URI would fail with "No module named psycopg".
-    """
-    if uri.startswith("postgresql://"):
-        try:
-            import psycopg  # noqa: F401
-        except ImportError:
-            return "postgresql+psycopg2://" + uri[len("postgresql://"):]
-    return uri
 
 
 def _client(store: str | MlflowClient) -> MlflowClient:

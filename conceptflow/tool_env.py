@@ -36,3 +36,11 @@ def use_tool_defaults(project: Path | None = None) -> None:
     """Put the MLflow and Prefect defaults into ``os.environ`` where nothing is set yet."""
     for name, value in {**MLFLOW_DEFAULTS, **prefect_defaults(project)}.items():
         os.environ.setdefault(name, value)
+
+
+def prefect_server_configured() -> bool:
+    """Whether Prefect talks to a server (``PREFECT_API_URL`` in the environment or the active
+    profile) rather than its ephemeral one: there, every run is expected to show as a flow run."""
+    from prefect.settings import get_current_settings  # reads the environment and the profile
+
+    return bool(get_current_settings().api.url)

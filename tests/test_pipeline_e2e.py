@@ -125,6 +125,38 @@ def test_second_run_redoes_nothing(project, first_run):
     assert adapter.stat().st_mtime_ns == before
     assert summary["registered"] == [f"concept.{FIRST} v1", f"concept.{SECOND} v1", f"combo.{COMBO} v1"]
     assert summary["dvc_status_clean"] is True
+    # Nothing changed since a complete run: the flow is not started (conceptflow/run_record.py).
+    assert "the flow was not started" in summary["shortcut"]
+    assert sorted(summary["up_to_date"]) == sorted(json.loads(
+        (project / ".conceptflow/last_run.json").read_text())["summary"]["ran"])
+
+
+def test_a_changed_photo_or_registry_file_means_the_flow_runs_again(project, first_run, monkeypatch):
+    """The shortcut is taken only when every input it covers is as the last complete run left it."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the CLI runs see the project's SQLite store
+    from conceptflow.config import load_catalog
+    from conceptflow.run_record import unchanged_summary
+
+    catalog_path = project / "catalog.yaml"
+    catalog = load_catalog(catalog_path)
+    assert unchanged_summary(catalog, catalog_path, None) is not None
+    assert unchanged_summary(catalog, catalog_path, "fused") is None  # another sampler: not what ran
+    caption = sorted((project / DEFAULT["concepts"][FIRST]["images"]).glob("*.txt"))[0]
+    text = caption.read_text()
+    caption.write_text(text + " ")
+    try:
+        assert unchanged_summary(catalog, catalog_path, None) is None  # ingest of FIRST is no longer up to date
+    finally:
+        caption.write_text(text)
+    assert unchanged_summary(catalog, catalog_path, None) is not None
+
+    registry = project / "mlruns.db"
+    stat = registry.stat()
+    os.utime(registry, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))  # the store changed since
+    rerun = json.loads((lambda out: out[out.index("{"):])(run_cli(project, "run", "--catalog", "catalog.yaml").stdout))
+    assert "shortcut" not in rerun and rerun["ran"] == []  # the flow ran (registration re-checked), redid nothing
+    assert rerun["registered"] == [f"concept.{FIRST} v1", f"concept.{SECOND} v1", f"combo.{COMBO} v1"]
+    assert unchanged_summary(catalog, catalog_path, None) is not None  # recorded again
 
 
 @pytest.fixture

@@ -12,8 +12,6 @@ import importlib.util
 import json
 from pathlib import Path
 
-from transformers import CLIPTokenizer
-
 from conceptflow.errors import ModelUnavailableError
 
 MERGE_COUNT = 49152 - 256 - 2  # open_clip keeps the first 48,894 merges of the file
@@ -61,8 +59,10 @@ def write_clip_tokenizer_files(folder: Path) -> Path:
     return folder
 
 
-def build_clip_tokenizer(folder: Path, model_max_length: int = 77) -> CLIPTokenizer:
+def build_clip_tokenizer(folder: Path, model_max_length: int = 77) -> "CLIPTokenizer":
     """A CLIPTokenizer over the real CLIP vocabulary, saved in ``folder`` (HF format)."""
+    from transformers import CLIPTokenizer  # transformers takes seconds to import: only when one is built
+
     write_clip_tokenizer_files(folder)
     tokenizer = CLIPTokenizer(
         vocab_file=str(folder / "vocab.json"),
