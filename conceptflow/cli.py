@@ -175,13 +175,13 @@ def report(catalog: Path = CatalogOption, force: bool = ForceOption):
 @user_errors
 def record(catalog: Path = CatalogOption, push: bool = typer.Option(True, help="push to the DVC remote")):
     """Record the current outputs in dvc.lock (dvc commit) and push them to the DVC remote."""
-    from conceptflow.lineage import dvc_status_clean, record_outputs
+    from conceptflow.lineage import record_outputs
 
     loaded = load_catalog(catalog)
     root = loaded.root
     with _project_lock(loaded):
-        record_outputs(root, push=push)
-    typer.echo(f"dvc.lock updated; dvc status clean: {dvc_status_clean(root)}")
+        clean = record_outputs(root, push=push)
+    typer.echo(f"dvc.lock updated; dvc status clean: {clean}")
 
 
 @app.command()

@@ -3,22 +3,23 @@
 The pipeline stages run through the CLI, the Prefect flow or ``dvc repro``; in the first two
 cases DVC did not run them, so after a run ``record_outputs`` does ``dvc commit`` (dvc.lock
 then holds the outputs' md5s, ``dvc status`` is clean) and ``dvc push`` to the default remote
-(a local folder unless configured). Lineage tags read the md5s back from dvc.lock. DVC is
-called as a subprocess, one call at a time (it holds one repository lock).
+(a local folder unless configured). Lineage tags read the md5s back from dvc.lock. DVC runs
+in subprocesses, one at a time (it holds one repository lock): ``dvc init`` through its CLI, the
+calls every run makes (the default remote, commit, push, status) together in one process through
+its Python API (``conceptflow.dvc_calls``).
 """
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
 
 import yaml
 
+from conceptflow.dvc_calls import DEFAULT_REMOTE, DEFAULT_REMOTE_DIR  # noqa: F401 - where they always were
 from conceptflow.errors import ConceptflowError
-
-DEFAULT_REMOTE = "local"
-DEFAULT_REMOTE_DIR = ".dvc-remote"
 
 
 def _dvc(root: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -46,22 +47,31 @@ def ensure_dvc_repo(root: Path) -> None:
         in_git = _git(root, "rev-parse", "--show-toplevel") is not None
         _dvc(root, "init", *([] if in_git else ["--no-scm"]))
         _dvc(root, "config", "core.autostage", "false")
-    remotes = _dvc(root, "remote", "list").stdout
-    if not remotes.strip():
-        _dvc(root, "remote", "add", "--default", DEFAULT_REMOTE, DEFAULT_REMOTE_DIR)
+    _dvc_calls(root, "default-remote")
 
 
-def record_outputs(root: Path, push: bool = True) -> None:
-    """Record every dvc.yaml stage's current outputs in dvc.lock, then push them."""
-    ensure_dvc_repo(root)
-    _dvc(root, "commit", "--force")
-    if push:
-        _dvc(root, "push")
+def _dvc_calls(root: Path, *calls: str) -> dict:
+    """``conceptflow.dvc_calls``' results ({call: result}) of ``calls`` made in one DVC process."""
+    result = subprocess.run([sys.executable, "-m", "conceptflow.dvc_calls", str(Path(root).resolve()), *calls],
+                            cwd=root, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise ConceptflowError(f"DVC failed in {root} ({' + '.join(calls)}): "
+                               f"{result.stderr.strip() or result.stdout.strip()}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def record_outputs(root: Path, push: bool = True) -> bool:
+    """Record every dvc.yaml stage's current outputs in dvc.lock (``dvc commit --force``), push them
+    (``dvc push``) and return whether ``dvc status`` is then clean: one DVC process."""
+    if not (Path(root) / ".dvc").is_dir():
+        ensure_dvc_repo(root)
+    results = _dvc_calls(root, "default-remote", "commit", *(["push"] if push else []), "status")
+    return not results["status"]
 
 
 def dvc_status_clean(root: Path) -> bool:
-    result = _dvc(root, "status", "--json")
-    return result.stdout.strip() in ("{}", "")
+    """Whether ``dvc status`` finds every stage's outputs and dependencies as dvc.lock records them."""
+    return not _dvc_calls(root, "status")["status"]
 
 
 def locked_output_md5s(root: Path) -> dict[str, str]:

@@ -86,11 +86,11 @@ STAGE_TASKS = {row.name: _stage_task(row.name, RETRIES.get(row.name, 1))(run_sta
 @_stage_task("dvc-record")
 def record_task(catalog_path: str, item: str = "dvc") -> dict:
     """dvc commit + push of every stage output; returns the locked md5s."""
-    from conceptflow.lineage import dvc_status_clean, locked_output_md5s, record_outputs
+    from conceptflow.lineage import locked_output_md5s, record_outputs
 
     root = catalog_at(catalog_path).root
-    record_outputs(root)
-    return {"clean": dvc_status_clean(root), "outputs": locked_output_md5s(root)}
+    clean = record_outputs(root)
+    return {"clean": clean, "outputs": locked_output_md5s(root)}
 
 
 @_stage_task("register")

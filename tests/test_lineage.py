@@ -145,3 +145,25 @@ def test_differing_tensors_are_named(tmp_path):
     found = dict(_differing_tensors(tmp_path / "recorded.safetensors", tmp_path / "rebuilt.safetensors"))
     assert set(found) == {"b", "c", "d"}
     assert "max |diff| 0.5, 1 of 2" in found["b"] and "only in the recorded" in found["c"]
+
+
+def test_dvc_calls_run_in_one_process_and_a_dvc_error_names_the_folder_and_call(tmp_path):
+    """record_outputs' DVC calls (conceptflow.dvc_calls): the default remote added once, and a
+    failure says which call failed where, with DVC's message."""
+    import subprocess
+
+    from conceptflow.errors import ConceptflowError
+    from conceptflow.lineage import _dvc_calls, dvc_status_clean, ensure_dvc_repo
+
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    ensure_dvc_repo(tmp_path)
+    config = (tmp_path / ".dvc" / "config").read_text()
+    assert "remote = local" in config and "url = ../.dvc-remote" in config  # as `dvc remote add` writes it
+    assert _dvc_calls(tmp_path, "default-remote") == {"default-remote": False}  # already there: unchanged
+    assert (tmp_path / ".dvc" / "config").read_text() == config
+    assert dvc_status_clean(tmp_path) is True  # no stages, nothing to report
+
+    (tmp_path / "dvc.yaml").write_text("stages:\n  broken:\n    cmd: true\n")  # cmd must be a string
+    with pytest.raises(ConceptflowError, match=rf"DVC failed in {tmp_path} \(status\): dvc status: .*dvc.yaml"
+                                               r".* validation failed"):
+        dvc_status_clean(tmp_path)
