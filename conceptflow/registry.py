@@ -41,6 +41,7 @@ the quiet artifact transfers are set by the entry points (``conceptflow.tool_env
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -79,6 +80,12 @@ def _client(store: str | MlflowClient) -> MlflowClient:
     uri = normalise_database_uri(store)
     if uri.startswith("sqlite:///"):
         _create_sqlite_store(Path(uri[len("sqlite:///"):]))
+    return _client_for(uri)
+
+
+@functools.lru_cache(maxsize=8)
+def _client_for(uri: str) -> MlflowClient:
+    """One client per store URI in a process (building one costs ~80 ms; registration makes dozens of calls)."""
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 

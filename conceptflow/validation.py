@@ -29,6 +29,7 @@ What is checked:
 
 from __future__ import annotations
 
+import functools
 import re
 import tempfile
 from pathlib import Path
@@ -148,25 +149,43 @@ def folder_problems(catalog: Catalog) -> list[str]:
 
 def _load_tokenizer(catalog: Catalog):
     """The base model's tokenizer, or None when it cannot be had cheaply (a hub id not in the cache)."""
-    from transformers import CLIPTokenizer
-
     from conceptflow.models.embedded import EMBEDDED_PREFIX, cache_root
 
     value = catalog.base_model
     try:
         if value.startswith(EMBEDDED_PREFIX):  # every embedded base uses the real CLIP BPE (models/tokenizer.py)
             built = sorted(cache_root().glob(f"{value.removeprefix(EMBEDDED_PREFIX)}-v*/tokenizer"))
-            if built:
-                return CLIPTokenizer.from_pretrained(built[-1])
-            from conceptflow.models.tokenizer import build_clip_tokenizer
-
-            with tempfile.TemporaryDirectory() as folder:
-                return build_clip_tokenizer(Path(folder))
+            return _tokenizer_from(str(built[-1]) if built else None, None)
         if _is_local_path(catalog, value):
-            return CLIPTokenizer.from_pretrained(_local_folder(catalog, value) / "tokenizer")
-        return CLIPTokenizer.from_pretrained(value, subfolder="tokenizer", local_files_only=True)
+            return _tokenizer_from(str(_local_folder(catalog, value) / "tokenizer"), None)
+        return _tokenizer_from(value, "tokenizer")
     except (OSError, ValueError, ConceptflowError):
         return None
+
+
+def _files_stamp(folder: str) -> tuple:
+    path = Path(folder)
+    return tuple(sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in path.iterdir())) if path.is_dir() else ()
+
+
+def _tokenizer_from(source: str | None, subfolder: str | None):
+    """A CLIPTokenizer from a folder or a cached hub id (None: the real CLIP BPE built afresh), loaded
+    once per process and file state (building the BPE tables takes ~1.5 s; a run validates twice)."""
+    return _cached_tokenizer(source, subfolder, _files_stamp(source) if source and subfolder is None else ())
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_tokenizer(source: str | None, subfolder: str | None, stamp: tuple):
+    from transformers import CLIPTokenizer
+
+    if source is None:
+        from conceptflow.models.tokenizer import build_clip_tokenizer
+
+        with tempfile.TemporaryDirectory() as folder:
+            return build_clip_tokenizer(Path(folder))
+    if subfolder is None:
+        return CLIPTokenizer.from_pretrained(source)
+    return CLIPTokenizer.from_pretrained(source, subfolder=subfolder, local_files_only=True)
 
 
 def prompt_problems(catalog: Catalog, tokenizer=None) -> list[str]:
