@@ -229,7 +229,8 @@ def run(catalog: Path = CatalogOption,
     loaded = load_catalog(catalog)
     # Nothing changed since the last complete run: say so without starting the flow, except against a
     # Prefect server (there every run shows as a flow run) or with --recheck.
-    shortcut = not recheck and not prefect_server_configured()
+    server_configured = prefect_server_configured()
+    shortcut = not recheck and not server_configured
     # Fail fast, before Prefect starts or the lock is waited for, on a bad catalog (every problem at
     # once); a catalog file as the last complete run read it is checked only if that run is redone.
     validated = not (shortcut and catalog_as_recorded(loaded, catalog.resolve()))
@@ -239,12 +240,20 @@ def run(catalog: Path = CatalogOption,
         remove_dead_staging_in_project(loaded.root)  # killed runs' staging folders
         summary = unchanged_summary(loaded, catalog.resolve(), sampler) if shortcut else None
         if summary is None:
+            # The flow will run: its Prefect server starts now, while the catalog is checked and the
+            # flow imported (flows/run_server.py), unless a server is configured or Dask workers need one.
+            from contextlib import nullcontext
+
+            from flows.run_server import RunServer
+
+            server = RunServer() if runner == "threads" and not server_configured else None
             if not validated:
                 validate_catalog(loaded, catalog)
             from flows.catalog import run_catalog  # Prefect lives in flows/, imported only here
 
-            summary = run_catalog(str(catalog.resolve()), sampler=sampler, runner=runner, dask_address=dask_address,
-                                  no_shared_fs=no_shared_fs, worker_root=worker_root)
+            with server.api() if server else nullcontext():
+                summary = run_catalog(str(catalog.resolve()), sampler=sampler, runner=runner,
+                                      dask_address=dask_address, no_shared_fs=no_shared_fs, worker_root=worker_root)
             write_run_record(loaded, catalog.resolve(), sampler, summary)
     typer.echo(json.dumps(summary, indent=2))
 
