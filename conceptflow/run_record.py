@@ -6,7 +6,8 @@ to find everything as the last run left it. After a complete run (every stage, t
 the registration finished) ``conceptflow run`` writes ``.conceptflow/last_run.json``: the run's
 summary and a fingerprint of what it depended on. The next ``conceptflow run`` computes the same
 fingerprint first and, when it is equal, prints the recorded summary (every item up to date,
-nothing ran) without starting Prefect; ``conceptflow run --recheck`` always runs the flow.
+nothing ran) without starting Prefect; ``conceptflow run --recheck`` always runs the flow, and so
+does a run against a Prefect server (``PREFECT_API_URL``: there every run should show as a flow run).
 
 The fingerprint holds, and the shortcut is taken only when all of these are as recorded:
 
