@@ -17,11 +17,13 @@ inversions); only the UNet calls differ (``ConductorBatch._unet``):
   ``load_state_dict``), one call for that branch's rows, the copy freed with ``gc.collect()``
   where the reference calls it; then the base rows on the base UNet. As the reference, each merge
   forms ΔW = up @ down from the concept's LoRA factors (``merge_lora_into_weight``; ours forms it
-  once when the concept is read), and every alignment step runs a no-grad base-UNet pass on the
-  reference latent to read its keys (l.700-712; ours reads them from the inversion cache): here on a
-  stand-in latent of its shape, stopped at the alignment layer, its keys discarded, so both strategies
-  read the same cached keys and give the same images. Not counted: its deep copies of the attention
-  processors. The concept branches' text is encoded once per batch by both (shared here). The
+  once when the concept is read); its alignment passes run the whole UNet (l.660-690: the concept
+  branches with gradients, then the base; ours stops each pass at the alignment layer, where the keys
+  are read: ``FullForwardHooks`` here records the same keys and lets the pass go on); and every
+  alignment step runs a no-grad base-UNet pass on the reference latent to read its keys (l.700-712,
+  the whole UNet; ours reads them from the inversion cache): here on a stand-in latent of its shape,
+  its keys discarded, so both strategies read the same cached keys and give the same images. Not
+  counted: its deep copies of the attention processors. The concept branches' text is encoded once per batch by both (shared here). The
   speedup is printed with and without those two reference-only costs (timed apart).
 
 Concepts are random rank-4 LoRA factors on every UNet attention linear (q, k, v, out, as ED-LoRA
@@ -54,6 +56,7 @@ from conceptflow.adapters.tokens import concept_token_strings  # noqa: E402
 from conceptflow.config import GenerateConfig  # noqa: E402
 from conceptflow.models.loading import load_base_pipeline  # noqa: E402
 from conceptflow.attention.processor import StopForward  # noqa: E402
+from conceptflow.sample.conductor.hooks import ConductorHooks  # noqa: E402
 from conceptflow.sample.conductor.inversion import KeyRecorder  # noqa: E402
 from conceptflow.sample.conductor.pipeline import ConductorBatch  # noqa: E402
 from conceptflow.sample.core import SampleRequest, SamplingCore  # noqa: E402
@@ -132,12 +135,24 @@ def merge_into(unet, concepts, scale: float) -> float:
     return product_seconds
 
 
+class FullForwardHooks(ConductorHooks):
+    """The reference's alignment pass: the keys read at the alignment layer, the UNet run to its end."""
+
+    def edit_key_value(self, layer, query, key, value, context):
+        try:
+            return super().edit_key_value(layer, query, key, value, context)
+        except StopForward:
+            return key, value
+
+
 class DeepcopyBatch(ConductorBatch):
     """The reference's strategy: per pass, per concept branch, a deep copy of the base UNet with
     that branch's adapter merged; concept branches first, then the base rows on the base UNet."""
 
     def __init__(self, *args, template=None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.hooks = FullForwardHooks(self.core.controller.layers, self.alignment_layer, self.mask_layer,
+                                      self.map_layer)
         self.template = template  # the base UNet without the batched strategy's hooks
         self.copy_seconds = 0.0  # process time in deep copies, merges and the reference's gc.collect() calls
         self.gc_seconds = 0.0  # of which gc.collect()
@@ -163,14 +178,12 @@ class DeepcopyBatch(ConductorBatch):
 
     @torch.no_grad()
     def _reference_key_pass(self, sample, timestep, conditioning) -> None:
-        """The reference's no-grad base pass on the reference latent at each alignment step, up to the
-        alignment layer (a stand-in latent of its shape; the keys are discarded)."""
+        """The reference's no-grad base pass on the reference latent at each alignment step, the whole
+        UNet (a stand-in latent of its shape; the keys are discarded)."""
         start = time.process_time()
-        self.template.attention_controller.hooks = [KeyRecorder(self.alignment_layer, stop=True)]
+        self.template.attention_controller.hooks = [KeyRecorder(self.alignment_layer)]
         try:
             self.template(sample.detach(), timestep, encoder_hidden_states=conditioning.detach())
-        except StopForward:
-            pass
         finally:
             self.template.attention_controller.hooks = []
         self.reference_only_seconds += time.process_time() - start

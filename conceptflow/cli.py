@@ -220,41 +220,47 @@ def run(catalog: Path = CatalogOption,
                                      "always so against a Prefect server)")):
     """Run the whole catalog as a Prefect flow: ingest -> ... -> register, report. When nothing changed
     since the last complete run (conceptflow/run_record.py) it says so without starting the flow."""
+    from contextlib import nullcontext
+
     from conceptflow.run_record import catalog_as_recorded, unchanged_summary, write_run_record
     from conceptflow.stages.base import remove_dead_staging_in_project
-    from conceptflow.validation import validate_catalog
-
     from conceptflow.tool_env import prefect_server_configured
+    from conceptflow.validation import validate_catalog
+    from flows.run_server import RunServer  # imports no Prefect
 
-    loaded = load_catalog(catalog)
-    # Nothing changed since the last complete run: say so without starting the flow, except against a
-    # Prefect server (there every run shows as a flow run) or with --recheck.
     server_configured = prefect_server_configured()
-    shortcut = not recheck and not server_configured
-    # Fail fast, before Prefect starts or the lock is waited for, on a bad catalog (every problem at
-    # once); a catalog file as the last complete run read it is checked only if that run is redone.
-    validated = not (shortcut and catalog_as_recorded(loaded, catalog.resolve()))
-    if validated:
-        validate_catalog(loaded, catalog)
-    with _project_lock(loaded, wait_timeout if wait else 0.0):
-        remove_dead_staging_in_project(loaded.root)  # killed runs' staging folders
-        summary = unchanged_summary(loaded, catalog.resolve(), sampler) if shortcut else None
-        if summary is None:
-            # The flow will run: its Prefect server starts now, while the catalog is checked and the
-            # flow imported (flows/run_server.py), unless a server is configured or Dask workers need one.
-            from contextlib import nullcontext
+    # The run's own Prefect server (flows/run_server.py: unless one is configured or Dask workers need
+    # one) starts first, so that it is up when the flow needs it; stopped at once when nothing runs.
+    server = RunServer() if runner == "threads" and not server_configured else None
+    flow_started = False
+    try:
+        loaded = load_catalog(catalog)
+        # Nothing changed since the last complete run: say so without starting the flow, except against
+        # a Prefect server (there every run shows as a flow run) or with --recheck.
+        shortcut = not recheck and not server_configured
+        # Fail fast, before the lock is waited for, on a bad catalog (every problem at once); a catalog
+        # file as the last complete run read it is checked only if that run is redone.
+        validated = not (shortcut and catalog_as_recorded(loaded, catalog.resolve()))
+        if validated:
+            validate_catalog(loaded, catalog)
+        with _project_lock(loaded, wait_timeout if wait else 0.0):
+            remove_dead_staging_in_project(loaded.root)  # killed runs' staging folders
+            summary = unchanged_summary(loaded, catalog.resolve(), sampler) if shortcut else None
+            if summary is None:
+                if not validated:
+                    validate_catalog(loaded, catalog)
+                from flows.catalog import run_catalog  # Prefect lives in flows/, imported only here
 
-            from flows.run_server import RunServer
-
-            server = RunServer() if runner == "threads" and not server_configured else None
-            if not validated:
-                validate_catalog(loaded, catalog)
-            from flows.catalog import run_catalog  # Prefect lives in flows/, imported only here
-
-            with server.api() if server else nullcontext():
-                summary = run_catalog(str(catalog.resolve()), sampler=sampler, runner=runner,
-                                      dask_address=dask_address, no_shared_fs=no_shared_fs, worker_root=worker_root)
-            write_run_record(loaded, catalog.resolve(), sampler, summary)
+                flow_started = True
+                with server.api() if server else nullcontext():
+                    summary = run_catalog(str(catalog.resolve()), sampler=sampler, runner=runner,
+                                          dask_address=dask_address, no_shared_fs=no_shared_fs,
+                                          worker_root=worker_root)
+                write_run_record(loaded, catalog.resolve(), sampler, summary)
+    finally:
+        # After a flow the server stops at exit, once Prefect has flushed its logs and events to it.
+        if server is not None and not flow_started:
+            server.stop()
     typer.echo(json.dumps(summary, indent=2))
 
 

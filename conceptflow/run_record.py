@@ -16,7 +16,11 @@ The fingerprint holds, and the shortcut is taken only when all of these are as r
   its upstream md5s, its folder's content md5; the photos for ingest) and its manifest's md5;
 * the catalog file's bytes and the sampler option;
 * ``dvc.lock`` and ``.dvc/config`` (bytes): the record of the outputs and where they were pushed;
-* the MLflow tracking URI, and for the default SQLite store the file's size and modification time.
+* the MLflow tracking URI, and for the default SQLite store the file's (and a write-ahead log's) size
+  and modification time.
+
+The same record lets registration skip the items it would find as they are
+(``unchanged_registrations``): outputs with the recorded md5s, in a SQLite store untouched since.
 
 Not covered (then use ``--recheck``): a DVC remote emptied by hand since the last run, and versions
 deleted on an MLflow server (the flow's push and idempotent registration would restore both).
@@ -51,8 +55,9 @@ def _registry_state(root: Path) -> dict:
     state: dict = {"uri": uri}
     if uri.startswith("sqlite:///"):
         database = Path(uri.removeprefix("sqlite:///"))
-        stat = database.stat() if database.is_file() else None
-        state["file"] = [stat.st_size, stat.st_mtime_ns] if stat else "absent"
+        for key, path in (("file", database), ("wal", database.with_name(database.name + "-wal"))):
+            stat = path.stat() if path.is_file() else None
+            state[key] = [stat.st_size, stat.st_mtime_ns] if stat else "absent"
     return state
 
 
@@ -122,3 +127,38 @@ def unchanged_summary(catalog: Catalog, catalog_path: Path, sampler: str | None)
                             "started (conceptflow run --recheck runs it)")
     summary.pop("workers", None)
     return summary
+
+
+def unchanged_registrations(catalog: Catalog) -> dict[str, str]:
+    """{registered model name: version} of the concepts and combinations whose stage outputs have the
+    md5s the last complete run recorded, when the store is the default SQLite file and nothing has
+    written to it since that run: registering them again would find every run and version as it is
+    (registration is idempotent on content), so ``stages.register`` reuses the recorded versions instead
+    of looking each one up. Empty for a tracking server (its state cannot be seen from here) or
+    without a record. Call it after the stages ran: their manifests are then the outputs' md5s."""
+    from conceptflow.registry import model_name
+    from conceptflow.stages.base import read_manifest
+
+    record = _read_record(catalog)
+    if record is None:
+        return {}
+    fingerprint = record["fingerprint"]
+    state = _registry_state(Path(catalog.root))
+    if "file" not in state or state != fingerprint.get("registry"):
+        return {}
+    recorded = {}
+    for line in record["summary"].get("registered", []):
+        name, _, rest = line.partition(" v")
+        recorded[name] = rest.split(" ")[0]
+    items = fingerprint["items"]
+    kinds = {"concept": [c.name for c in catalog.concepts], "combination": [c.name for c in catalog.combinations]}
+    unchanged = {}
+    for fan_out, names in kinds.items():
+        rows = [row for row in STAGES if row.fan_out == fan_out]
+        for item in names:
+            registered = model_name("concept" if fan_out == "concept" else "combo", item)
+            manifests = [read_manifest(row.folder(catalog, item)) for row in rows]
+            if registered in recorded and all(manifest is not None and items.get(f"{row.name}:{item}") == manifest.md5
+                                              for row, manifest in zip(rows, manifests)):
+                unchanged[registered] = recorded[registered]
+    return unchanged

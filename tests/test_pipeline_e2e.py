@@ -150,13 +150,27 @@ def test_a_changed_photo_or_registry_file_means_the_flow_runs_again(project, fir
         caption.write_text(text)
     assert unchanged_summary(catalog, catalog_path, None) is not None
 
+    from conceptflow.run_record import unchanged_registrations
+
+    versions = {f"concept.{FIRST}": "1", f"concept.{SECOND}": "1", f"combo.{COMBO}": "1"}
+    assert unchanged_registrations(catalog) == versions  # registration may reuse them: nothing changed
+    adapter_manifest = project / f"data/adapters/{FIRST}/.manifest.json"
+    manifest_text = adapter_manifest.read_text()
+    adapter_manifest.write_text(manifest_text.replace('"md5": "', '"md5": "0', 1))  # as if retrained
+    try:
+        assert unchanged_registrations(catalog) == {k: v for k, v in versions.items() if k != f"concept.{FIRST}"}
+    finally:
+        adapter_manifest.write_text(manifest_text)
+
     registry = project / "mlruns.db"
     stat = registry.stat()
     os.utime(registry, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))  # the store changed since
+    assert unchanged_registrations(catalog) == {}  # so every item is looked up again
     rerun = json.loads((lambda out: out[out.index("{"):])(run_cli(project, "run", "--catalog", "catalog.yaml").stdout))
     assert "shortcut" not in rerun and rerun["ran"] == []  # the flow ran (registration re-checked), redid nothing
     assert rerun["registered"] == [f"concept.{FIRST} v1", f"concept.{SECOND} v1", f"combo.{COMBO} v1"]
     assert unchanged_summary(catalog, catalog_path, None) is not None  # recorded again
+    assert unchanged_registrations(catalog) == versions
 
 
 @pytest.fixture

@@ -93,8 +93,12 @@ def register(catalog: Catalog) -> list[str]:
 
 def _register_all(catalog: Catalog) -> list[str]:
     from conceptflow.registry import log_stage_run, model_name, tracking_uri
+    from conceptflow.run_record import unchanged_registrations
 
     layout = Layout(catalog)
+    # Items as the last complete run registered them, in a store untouched since: their versions as
+    # recorded, without looking each run and version up again (conceptflow/run_record.py).
+    reused = unchanged_registrations(catalog)
     uri = tracking_uri(layout.root)
     locked = locked_output_md5s(layout.root)
     common = {"git_revision": git_revision(layout.root), "base_model": catalog.base_model,
@@ -104,6 +108,11 @@ def _register_all(catalog: Catalog) -> list[str]:
 
     for concept in catalog.concepts:
         name = concept.name
+        registered = model_name("concept", name)
+        if registered in reused:
+            concept_versions[name] = reused[registered]
+            lines.append(f"{registered} v{reused[registered]}")
+            continue
         folders = {"images": layout.images(name), "masks": layout.masks(name), "adapter": layout.adapter(name)}
         lineage = {**common, **_lineage_of(layout, locked, folders), "method": concept.train.method,
                    "config_hash": require_manifest(folders["adapter"], "adapter", STAGE_OF["adapter"]).config_hash,
@@ -121,6 +130,10 @@ def _register_all(catalog: Catalog) -> list[str]:
 
     for combination in catalog.combinations:
         name = combination.name
+        registered = model_name("combo", name)
+        if registered in reused and all(model_name("concept", c) in reused for c in combination.concepts):
+            lines.append(f"{registered} v{reused[registered]}")
+            continue
         folders = {"fused": layout.fused(name), "generated": layout.generated(name), "metrics": layout.metrics(name)}
         lineage = {**common, **_lineage_of(layout, locked, folders),
                    "config_hash": require_manifest(folders["fused"], "fused", STAGE_OF["fused"]).config_hash,
