@@ -5,8 +5,8 @@ flow call: the run first imports Prefect's server modules itself (~4 s) and then
 server process to import and start (~5 s), all before the first task. ``conceptflow run`` (thread
 runner, no server configured) instead starts ``prefect server start`` (127.0.0.1, a free port, no
 UI, no services, the same PREFECT_HOME database, so flow runs land where the ephemeral server puts
-them) as soon as it knows the flow will run, imports and checks while it starts, and points the
-flow at it for this process only (``temporary_settings``). The server stops after the run (after
+them) first thing (stopped at once when nothing is to run), imports and checks while it starts,
+and points the flow at it for this process only (``temporary_settings``). The server stops after the run (after
 Prefect has flushed its logs and events to it, at exit) and dies with the run if the run is killed
 (``PR_SET_PDEATHSIG``): nothing outlives the command. If it is not healthy in time (the startup
 timeout Prefect uses for its ephemeral server), it is stopped and the run uses the ephemeral mode.
