@@ -9,7 +9,7 @@ step, 2 photos per concept (toy renders, cycling over the 8 toy looks with a per
 because it is the orchestration that is measured, not training.
 
 (a) no-change rerun wall time at 2, 20 and 100 concepts (goals 15 / 20 / 30 s): the plain rerun
-    (nothing changed since the last complete run: the flow is not started, conceptflow/run_record.py)
+    (nothing changed since the last complete run: the flow is not started, conceptflow/stages/run_record.py)
     and ``--recheck`` (the flow, its per-item skip checks, DVC commit + push and registration: what a
     run against a Prefect server does);
 (b) a catalog of 8 with one concept's photos changed: rerun wall / full-run wall (goal <= 0.25),

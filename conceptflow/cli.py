@@ -219,14 +219,13 @@ def run(catalog: Path = CatalogOption,
                                      "last complete run (it re-pushes to the DVC remote and re-checks the registry; "
                                      "always so against a Prefect server)")):
     """Run the whole catalog as a Prefect flow: ingest -> ... -> register, report. When nothing changed
-    since the last complete run (conceptflow/run_record.py) it says so without starting the flow."""
+    since the last complete run (conceptflow/stages/run_record.py) it says so without starting the flow."""
     from contextlib import nullcontext
 
-    from conceptflow.run_record import catalog_as_recorded, unchanged_summary, write_run_record
+    from conceptflow.stages.run_record import catalog_as_recorded, unchanged_summary, write_run_record
     from conceptflow.stages.base import remove_dead_staging_in_project
-    from conceptflow.tool_env import prefect_server_configured
     from conceptflow.validation import validate_catalog
-    from flows.run_server import RunServer  # imports no Prefect
+    from flows.run_server import RunServer, prefect_server_configured  # imports no Prefect
 
     server_configured = prefect_server_configured()
     # The run's own Prefect server (flows/run_server.py: unless one is configured or Dask workers need

@@ -37,19 +37,3 @@ def use_tool_defaults(project: Path | None = None) -> None:
     for name, value in {**MLFLOW_DEFAULTS, **prefect_defaults(project)}.items():
         os.environ.setdefault(name, value)
 
-
-def prefect_server_configured() -> bool:
-    """Whether Prefect talks to a server (``PREFECT_API_URL`` in the environment, the active profile,
-    ``.env``, ``prefect.toml`` or pyproject's ``[tool.prefect]``) rather than its ephemeral one: there,
-    every run is expected to show as a flow run. Prefect's own settings decide whenever one of those
-    files could say so; with none of them, no Prefect import (seconds) is needed."""
-    if os.environ.get("PREFECT_API_URL"):
-        return True
-    home = Path(os.environ.get("PREFECT_HOME") or "~/.prefect").expanduser()
-    could_say = {Path(os.environ.get("PREFECT_PROFILES_PATH") or home / "profiles.toml"): "PREFECT_API_URL",
-                 Path(".env"): "PREFECT_API_URL", Path("prefect.toml"): "", Path("pyproject.toml"): "tool.prefect"}
-    if not any(path.is_file() and marker in path.read_text(errors="replace") for path, marker in could_say.items()):
-        return False
-    from prefect.settings import get_current_settings  # reads the environment and those files
-
-    return bool(get_current_settings().api.url)

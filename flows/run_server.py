@@ -10,6 +10,9 @@ and points the flow at it for this process only (``temporary_settings``). The se
 Prefect has flushed its logs and events to it, at exit) and dies with the run if the run is killed
 (``PR_SET_PDEATHSIG``): nothing outlives the command. If it is not healthy in time (the startup
 timeout Prefect uses for its ephemeral server), it is stopped and the run uses the ephemeral mode.
+
+``prefect_server_configured`` says whether a server is configured (then the run uses it, and never
+skips its flow), without importing Prefect when nothing could configure one.
 """
 
 from __future__ import annotations
@@ -93,3 +96,20 @@ class RunServer:
                 self.process.wait(timeout=5)
         self.log.close()
         Path(self.log.name).unlink(missing_ok=True)
+
+
+def prefect_server_configured() -> bool:
+    """Whether Prefect talks to a server (``PREFECT_API_URL`` in the environment, the active profile,
+    ``.env``, ``prefect.toml`` or pyproject's ``[tool.prefect]``) rather than its ephemeral one: there,
+    every run is expected to show as a flow run. Prefect's own settings decide whenever one of those
+    files could say so; with none of them, no Prefect import (seconds) is needed."""
+    if os.environ.get("PREFECT_API_URL"):
+        return True
+    home = Path(os.environ.get("PREFECT_HOME") or "~/.prefect").expanduser()
+    could_say = {Path(os.environ.get("PREFECT_PROFILES_PATH") or home / "profiles.toml"): "PREFECT_API_URL",
+                 Path(".env"): "PREFECT_API_URL", Path("prefect.toml"): "", Path("pyproject.toml"): "tool.prefect"}
+    if not any(path.is_file() and marker in path.read_text(errors="replace") for path, marker in could_say.items()):
+        return False
+    from prefect.settings import get_current_settings  # reads the environment and those files
+
+    return bool(get_current_settings().api.url)

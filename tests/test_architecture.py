@@ -31,7 +31,7 @@ def test_orchestration_has_no_torch(path):
 # register stage saves each version's pyfunc model with.
 LAYERS = (
     {"(root)", "errors", "schema", "fileio", "locks", "seeding", "manifest", "services", "tool_env", "lineage",
-     "plots", "torch_threads", "remote_workspace"},
+     "plots", "torch_threads", "remote_workspace", "tracking", "dvc_calls"},
     {"models", "attention"},
     {"adapters"},
     {"train"},

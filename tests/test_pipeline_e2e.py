@@ -125,7 +125,7 @@ def test_second_run_redoes_nothing(project, first_run):
     assert adapter.stat().st_mtime_ns == before
     assert summary["registered"] == [f"concept.{FIRST} v1", f"concept.{SECOND} v1", f"combo.{COMBO} v1"]
     assert summary["dvc_status_clean"] is True
-    # Nothing changed since a complete run: the flow is not started (conceptflow/run_record.py).
+    # Nothing changed since a complete run: the flow is not started (conceptflow/stages/run_record.py).
     assert "the flow was not started" in summary["shortcut"]
     assert sorted(summary["up_to_date"]) == sorted(json.loads(
         (project / ".conceptflow/last_run.json").read_text())["summary"]["ran"])
@@ -135,7 +135,7 @@ def test_a_changed_photo_or_registry_file_means_the_flow_runs_again(project, fir
     """The shortcut is taken only when every input it covers is as the last complete run left it."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the CLI runs see the project's SQLite store
     from conceptflow.config import load_catalog
-    from conceptflow.run_record import unchanged_summary
+    from conceptflow.stages.run_record import unchanged_summary
 
     catalog_path = project / "catalog.yaml"
     catalog = load_catalog(catalog_path)
@@ -150,7 +150,7 @@ def test_a_changed_photo_or_registry_file_means_the_flow_runs_again(project, fir
         caption.write_text(text)
     assert unchanged_summary(catalog, catalog_path, None) is not None
 
-    from conceptflow.run_record import unchanged_registrations
+    from conceptflow.stages.run_record import unchanged_registrations
 
     versions = {f"concept.{FIRST}": "1", f"concept.{SECOND}": "1", f"combo.{COMBO}": "1"}
     assert unchanged_registrations(catalog) == versions  # registration may reuse them: nothing changed

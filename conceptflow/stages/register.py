@@ -93,11 +93,11 @@ def register(catalog: Catalog) -> list[str]:
 
 def _register_all(catalog: Catalog) -> list[str]:
     from conceptflow.registry import log_stage_run, model_name, tracking_uri
-    from conceptflow.run_record import unchanged_registrations
+    from conceptflow.stages.run_record import unchanged_registrations
 
     layout = Layout(catalog)
     # Items as the last complete run registered them, in a store untouched since: their versions as
-    # recorded, without looking each run and version up again (conceptflow/run_record.py).
+    # recorded, without looking each run and version up again (conceptflow/stages/run_record.py).
     reused = unchanged_registrations(catalog)
     uri = tracking_uri(layout.root)
     locked = locked_output_md5s(layout.root)

@@ -1,4 +1,4 @@
-"""conceptflow.tool_env.prefect_server_configured: which runs may skip the flow when nothing changed.
+"""flows.run_server.prefect_server_configured: which runs may skip the flow when nothing changed.
 
 Each case runs in a fresh interpreter in its own folder (Prefect reads its settings once per process)."""
 
@@ -29,7 +29,7 @@ def test_a_prefect_server_is_seen_wherever_prefect_would_read_it(tmp_path, envir
         (tmp_path / name).write_text(text)
     env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_")}
     env.update(PREFECT_HOME=str(tmp_path / "home"), PYTHONPATH=str(ROOT), **environment)
-    code = ("import sys; from conceptflow.tool_env import prefect_server_configured as f; "
+    code = ("import sys; from flows.run_server import prefect_server_configured as f; "
             "print(f(), 'prefect' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
                             timeout=120)
