@@ -23,8 +23,9 @@ inversions); only the UNet calls differ (``ConductorBatch._unet``):
   alignment step runs a no-grad base-UNet pass on the reference latent to read its keys (l.700-712,
   the whole UNet; ours reads them from the inversion cache): here on a stand-in latent of its shape,
   its keys discarded, so both strategies read the same cached keys and give the same images. Not
-  counted: its deep copies of the attention processors. The concept branches' text is encoded once per batch by both (shared here). The
-  speedup is printed with and without those two reference-only costs (timed apart).
+  counted: its deep copies of the attention processors. The concept branches' text is encoded once
+  per batch by both (shared here). The speedup is printed with and without those two reference-only
+  costs (timed apart).
 
 Concepts are random rank-4 LoRA factors on every UNet attention linear (q, k, v, out, as ED-LoRA
 adapts) and random ΔW on the text encoder's attention, with random layer-wise tokens. Time is this process's CPU time on one
@@ -167,10 +168,8 @@ class DeepcopyBatch(ConductorBatch):
         unet.attention_controller.hooks = self.core.controller.hooks
         handles = self.hooks.install(unet)
         self.hooks.begin_call(rows)
-        try:
+        try:  # FullForwardHooks: every pass runs to the end, as the reference's do
             return unet(sample, timestep, encoder_hidden_states=conditioning).sample
-        except StopForward:
-            return None
         finally:
             for handle in handles:
                 handle.remove()
@@ -211,10 +210,9 @@ class DeepcopyBatch(ConductorBatch):
                 del unet
                 self._collect()  # the reference frees each copy (del, gc.collect, cuda.empty_cache) after its call
                 self.copy_seconds += time.process_time() - start
-            if result is not None:
-                for k, i in enumerate(index.tolist()):
-                    out[i] = result[k]
-        return None if out[0] is None else torch.stack(out)
+            for k, i in enumerate(index.tolist()):
+                out[i] = result[k]
+        return torch.stack(out)
 
 
 class Timed:

@@ -29,8 +29,12 @@ def _default_remote(repo) -> bool:
     return True
 
 
+def _commit(repo) -> None:
+    repo.commit(None, force=True)  # every stage (no target), without asking
+
+
 CALLS = {"default-remote": _default_remote,
-         "commit": lambda repo: repo.commit(None, force=True) and None,
+         "commit": _commit,
          "push": lambda repo: repo.push(),
          "status": lambda repo: repo.status()}
 

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import yaml
 
-from conceptflow.dvc_calls import DEFAULT_REMOTE, DEFAULT_REMOTE_DIR  # noqa: F401 - where they always were
 from conceptflow.errors import ConceptflowError
 
 
@@ -40,13 +39,18 @@ def _git(root: Path, *args: str) -> str | None:
     return result.stdout.strip() if result.returncode == 0 else None
 
 
-def ensure_dvc_repo(root: Path) -> None:
-    """``dvc init`` (inside git when there is one) and a default local remote, once."""
+def _init_dvc(root: Path) -> None:
+    """``dvc init`` (inside git when there is one), once."""
     root = Path(root)
     if not (root / ".dvc").is_dir():
         in_git = _git(root, "rev-parse", "--show-toplevel") is not None
         _dvc(root, "init", *([] if in_git else ["--no-scm"]))
         _dvc(root, "config", "core.autostage", "false")
+
+
+def ensure_dvc_repo(root: Path) -> None:
+    """``dvc init`` (inside git when there is one) and a default local remote, once."""
+    _init_dvc(root)
     _dvc_calls(root, "default-remote")
 
 
@@ -63,8 +67,7 @@ def _dvc_calls(root: Path, *calls: str) -> dict:
 def record_outputs(root: Path, push: bool = True) -> bool:
     """Record every dvc.yaml stage's current outputs in dvc.lock (``dvc commit --force``), push them
     (``dvc push``) and return whether ``dvc status`` is then clean: one DVC process."""
-    if not (Path(root) / ".dvc").is_dir():
-        ensure_dvc_repo(root)
+    _init_dvc(root)
     results = _dvc_calls(root, "default-remote", "commit", *(["push"] if push else []), "status")
     return not results["status"]
 

@@ -36,4 +36,3 @@ def use_tool_defaults(project: Path | None = None) -> None:
     """Put the MLflow and Prefect defaults into ``os.environ`` where nothing is set yet."""
     for name, value in {**MLFLOW_DEFAULTS, **prefect_defaults(project)}.items():
         os.environ.setdefault(name, value)
-

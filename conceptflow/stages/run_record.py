@@ -39,6 +39,7 @@ from conceptflow.config import Catalog
 from conceptflow.fileio import write_json_atomic
 from conceptflow.stages.status import up_to_date_items
 from conceptflow.stages.table import STAGES, plan
+from conceptflow.tracking import tracking_uri
 
 RECORD_PATH = Path(".conceptflow") / "last_run.json"
 FORMAT = 1
@@ -49,8 +50,6 @@ def _bytes_md5(path: Path) -> str:
 
 
 def _registry_state(root: Path) -> dict:
-    from conceptflow.tracking import tracking_uri
-
     uri = tracking_uri(root)
     state: dict = {"uri": uri}
     if uri.startswith("sqlite:///"):
@@ -151,12 +150,13 @@ def unchanged_registrations(catalog: Catalog) -> dict[str, str]:
         name, _, rest = line.partition(" v")
         recorded[name] = rest.split(" ")[0]
     items = fingerprint["items"]
-    kinds = {"concept": [c.name for c in catalog.concepts], "combination": [c.name for c in catalog.combinations]}
+    kinds = {"concept": ("concept", [c.name for c in catalog.concepts]),
+             "combination": ("combo", [c.name for c in catalog.combinations])}
     unchanged = {}
-    for fan_out, names in kinds.items():
+    for fan_out, (kind, names) in kinds.items():
         rows = [row for row in STAGES if row.fan_out == fan_out]
         for item in names:
-            registered = model_name("concept" if fan_out == "concept" else "combo", item)
+            registered = model_name(kind, item)
             manifests = [read_manifest(row.folder(catalog, item)) for row in rows]
             if registered in recorded and all(manifest is not None and items.get(f"{row.name}:{item}") == manifest.md5
                                               for row, manifest in zip(rows, manifests)):
